@@ -1,0 +1,32 @@
+# Two commands do all set-up: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Tests and CI read MNIST from the local mirror beside the repository and never use the network.
+TEST_MIRROR ?= $(abspath ../shared/data/mnist)
+PROFILE ?= default
+
+.PHONY: run test lint bench clean
+
+$(BIN)/mnist-ae: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.test-extras: $(BIN)/mnist-ae
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+run: $(BIN)/mnist-ae
+	$(BIN)/mnist-ae run --profile $(PROFILE)
+
+test: $(VENV)/.test-extras
+	$(BIN)/ruff check flows tasks tests bench
+	MNIST_MIRROR=$(TEST_MIRROR) MNIST_AE_OFFLINE=1 $(BIN)/python -m pytest -q
+
+bench: $(BIN)/mnist-ae
+	$(BIN)/python bench/profiles.py
+
+clean:
+	rm -rf $(VENV) artifacts/*/ artifacts/.[!.]* .pytest_cache

@@ -1,0 +1,8 @@
+"""Everything Prefect-aware: the task wrappers, the flow and the command line."""
+
+import os
+
+# Route the plain `tasks` package's log records into Prefect's run logs, and keep TensorFlow's C++ chatter down.
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")

@@ -1,0 +1,77 @@
+"""The pipeline flow: download, validate, pretrain, fine-tune, baselines, evaluate, report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows.stages import stage_task
+from tasks import graph
+from tasks.config import PipelineConfig, Stage, load_config
+from tasks.store import ArtifactRef, Store
+
+
+class MissingUpstream(RuntimeError):
+    """A stage was asked to run alone but an artifact it needs is not in the store."""
+
+
+def _configure(profile: str, overrides: dict[str, Any] | None, store: str | None) -> PipelineConfig:
+    return load_config(profile, {**(overrides or {}), **({"store": store} if store else {})})
+
+
+def _upstream_refs(steps: list[graph.Step], only: set[str], store: Store, config: PipelineConfig) -> dict[str, ArtifactRef]:
+    """Store artifacts that the selected stages need but do not compute themselves."""
+    needed = {u for s in only for u in graph.upstream_of(config, s)} - only  # type: ignore[arg-type]
+    refs = {}
+    for step in steps:
+        if step.stage in needed:
+            ref = store.load(step.stage, step.key)
+            if ref is None:
+                raise MissingUpstream(
+                    f"stage {step.stage} (key {step.key[:12]}) is needed by {', '.join(sorted(only))} but is not in "
+                    f"{store.root}: {step.reason}. Run it first (mnist-ae run --only {step.stage}) or run without --only."
+                )
+            refs[step.stage] = ref
+    return refs
+
+
+@flow(name="mnist-ae-pipeline")
+def pipeline(
+    profile: str = "default",
+    overrides: dict[str, Any] | None = None,
+    stages: list[Stage] | None = None,
+    force: list[Stage] | None = None,
+    store: str | None = None,
+) -> dict[str, Any]:
+    """Run the stages of a profile through the artifact store; cached stages are taken from it.
+
+    Args:
+        profile: seed, seed-part2, default or quick.
+        overrides: dotted config overrides, e.g. {"finetune.learning_rate": 0.1}.
+        stages: run only these stages; their upstream artifacts must already be in the store.
+        force: recompute these stages even when the store has them.
+        store: store root (default: the config's, `artifacts/`).
+    """
+    import tensorflow as tf
+
+    config = _configure(profile, overrides, store)
+    unknown = set(stages or []) | set(force or [])
+    if missing := sorted(unknown - set(config.stages)):
+        raise ValueError(f"stages {missing} are not part of profile {profile!r} ({', '.join(config.stages)})")
+    tf.config.experimental.enable_op_determinism()
+    logger = get_run_logger()
+    the_store = Store(config.store)
+    steps = graph.plan(config, the_store)
+    only = set(stages or config.stages)
+    refs = _upstream_refs(steps, only, the_store, config)
+    for step in steps:
+        if step.stage not in only:
+            continue
+        forced = step.stage in (force or [])
+        state = stage_task(step, the_store, forced)(step, config, refs, forced, return_state=True)
+        ref: ArtifactRef = state.result()
+        refs[step.stage] = ref.model_copy(update={"cached": True}) if state.name == "Cached" else ref
+    for stage, ref in refs.items():
+        logger.info("%-9s %-8s %s", stage, "cached" if ref.cached else "computed", ref.path)
+    return {"store": str(the_store.root), "stages": {s: r.model_dump(mode="json") for s, r in refs.items()}}

@@ -1,0 +1,248 @@
+"""The one typed configuration object of the pipeline, and its named profiles."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+Stage = Literal["download", "validate", "pretrain", "finetune", "baselines", "evaluate", "report"]
+STAGES: tuple[Stage, ...] = ("download", "validate", "pretrain", "finetune", "baselines", "evaluate", "report")
+Optimizer = Literal["rmsprop_tf1", "rmsprop", "adam", "sgd"]
+Init = Literal["normal", "glorot_uniform", "he_normal"]
+Activation = Literal["sigmoid", "relu"]
+Dataset = Literal["mnist", "fashion-mnist"]
+
+MIRROR_ENV = "MNIST_MIRROR"
+OFFLINE_ENV = "MNIST_AE_OFFLINE"
+STORE_ENV = "MNIST_AE_STORE"
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataConfig(_Section):
+    """Where the data comes from and how it is split (TF1's reader held out the first 5,000 training images)."""
+
+    dataset: Dataset = "mnist"
+    mirror: Path | None = Field(default=None, description=f"Local directory with the four IDX files; env {MIRROR_ENV}.")
+    offline: bool = Field(default=False, description=f"Never use the network; env {OFFLINE_ENV}=1.")
+    validation_size: NonNegativeInt = 5000
+    train_size: PositiveInt | None = Field(default=None, description="Training images after the hold-out; None = all.")
+    test_size: PositiveInt | None = Field(default=None, description="Test images; None = all.")
+
+    @field_validator("mirror")
+    @classmethod
+    def _mirror_readable(cls, v: Path | None) -> Path | None:
+        if v is not None and not (v.is_dir() and os.access(v, os.R_OK | os.X_OK)):
+            raise ValueError(f"{v} is not a readable directory")
+        return v
+
+    def split(self) -> dict[str, int | None]:
+        """The fields that decide which images the model stages see."""
+        return {"validation_size": self.validation_size, "train_size": self.train_size, "test_size": self.test_size}
+
+
+class ValidateConfig(_Section):
+    min_class_share: float = Field(default=0.05, gt=0, lt=1)
+    max_class_share: float = Field(default=0.15, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ValidateConfig:
+        if self.min_class_share >= self.max_class_share:
+            raise ValueError("min_class_share must be below max_class_share")
+        return self
+
+
+class TrainConfig(_Section):
+    optimizer: Optimizer
+    learning_rate: PositiveFloat
+    epochs: PositiveInt
+    batch_size: PositiveInt = 256
+    early_stopping_patience: PositiveInt | None = Field(
+        default=None, description="Stop when validation loss has not improved for this many epochs; None = never."
+    )
+
+
+class PretrainConfig(TrainConfig):
+    hidden: tuple[PositiveInt, ...] = Field(default=(128, 64), min_length=1, description="Encoder widths; decoder mirrors.")
+    activation: Activation = "sigmoid"
+    init: Init = "normal"
+
+
+class FinetuneConfig(TrainConfig):
+    freeze_encoder: bool = Field(default=False, description="Train only the softmax head (the notebook trains both).")
+    linear_probe: bool = Field(default=False, description="Also train a frozen-encoder probe for the claim table.")
+
+
+class BaselinesConfig(TrainConfig):
+    init: Init = Field(default="normal", description="Initialisation of the un-pretrained network.")
+
+
+class EvaluateConfig(_Section):
+    confidence: float = Field(default=0.95, gt=0, lt=1)
+
+
+class ReportConfig(_Section):
+    title: str = "MNIST autoencoder pretraining report"
+
+
+class PromoteConfig(_Section):
+    """When a challenger replaces the champion."""
+
+    min_accuracy_gain: float = Field(default=0.0, ge=0, description="Required test-accuracy gain (absolute).")
+    alpha: float = Field(default=0.05, gt=0, lt=1, description="Significance level of McNemar's exact test.")
+
+
+class PipelineConfig(_Section):
+    """Everything a run depends on; each stage reads only its own section."""
+
+    profile: str = "default"
+    seed: int = 0
+    store: str = Field(default="artifacts", description=f"Store root; env {STORE_ENV}.")
+    stages: tuple[Stage, ...] = Field(default=STAGES, description="Stages this profile runs, in order.")
+    data: DataConfig = DataConfig()
+    validate_: ValidateConfig = Field(default=ValidateConfig(), alias="validate")
+    pretrain: PretrainConfig
+    finetune: FinetuneConfig
+    baselines: BaselinesConfig
+    evaluate: EvaluateConfig = EvaluateConfig()
+    report: ReportConfig = ReportConfig()
+    promote: PromoteConfig = PromoteConfig()
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @field_validator("store")
+    @classmethod
+    def _local_store(cls, v: str) -> str:
+        if "://" in v and not v.startswith("file://"):
+            raise ValueError(f"{v}: only local store roots are supported so far")
+        return v
+
+    @field_validator("stages")
+    @classmethod
+    def _closed(cls, v: tuple[Stage, ...]) -> tuple[Stage, ...]:
+        needs = {"validate": "download", "pretrain": "validate", "finetune": "pretrain",
+                 "baselines": "validate", "evaluate": "finetune", "report": "validate"}
+        for stage in v:
+            if stage in needs and needs[stage] not in v:
+                raise ValueError(f"stage {stage} needs {needs[stage]}")
+        if "evaluate" in v and "baselines" not in v:
+            raise ValueError("stage evaluate needs baselines")
+        return tuple(s for s in STAGES if s in v)
+
+
+_SEED_FINETUNE = dict(optimizer="sgd", learning_rate=0.5, epochs=200, batch_size=256)
+_MODERN = dict(optimizer="adam", learning_rate=1e-3, batch_size=128, early_stopping_patience=3)
+
+PROFILES: dict[str, dict[str, Any]] = {
+    # The notebook's part 3, exactly: TF1 RMSProp pretraining, plain gradient descent fine-tuning.
+    "seed": dict(
+        pretrain=dict(optimizer="rmsprop_tf1", learning_rate=0.02, epochs=100, batch_size=256,
+                      hidden=(128, 64), activation="sigmoid", init="normal"),
+        finetune=dict(_SEED_FINETUNE),
+        baselines=dict(_SEED_FINETUNE, init="normal"),
+    ),
+    # The notebook's part 2: the 784-256-128-256-784 reconstruction autoencoder, 20 epochs, no classifier.
+    "seed-part2": dict(
+        stages=("download", "validate", "pretrain", "report"),
+        pretrain=dict(optimizer="rmsprop_tf1", learning_rate=0.02, epochs=20, batch_size=256,
+                      hidden=(256, 128), activation="sigmoid", init="normal"),
+        finetune=dict(_SEED_FINETUNE),
+        baselines=dict(_SEED_FINETUNE, init="normal"),
+    ),
+    # What one would choose today: ReLU, Glorot init, Adam, early stopping on the held-out split.
+    "default": dict(
+        pretrain=dict(_MODERN, epochs=30, hidden=(128, 64), activation="relu", init="glorot_uniform"),
+        finetune=dict(_MODERN, epochs=30, linear_probe=True),
+        baselines=dict(_MODERN, epochs=30, init="glorot_uniform"),
+    ),
+    # Seconds on two CPU cores: smoke runs and tests.
+    "quick": dict(
+        data=dict(validation_size=500, train_size=3000, test_size=2000),
+        pretrain=dict(_MODERN, epochs=2, hidden=(128, 64), activation="relu", init="glorot_uniform"),
+        finetune=dict(_MODERN, epochs=2, linear_probe=True),
+        baselines=dict(_MODERN, epochs=2, init="glorot_uniform"),
+    ),
+}
+
+
+def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
+    """Turn ["finetune.learning_rate=0.1", ...] into a dotted-key mapping; values are JSON when they parse."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {pair!r} is not of the form section.field=value")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def _env_defaults() -> dict[str, Any]:
+    env: dict[str, Any] = {}
+    if os.environ.get(MIRROR_ENV):
+        env["data.mirror"] = os.environ[MIRROR_ENV]
+    if os.environ.get(OFFLINE_ENV, "").lower() in {"1", "true", "yes"}:
+        env["data.offline"] = True
+    if os.environ.get(STORE_ENV):
+        env["store"] = os.environ[STORE_ENV]
+    return env
+
+
+def load_config(profile: str = "default", overrides: Mapping[str, Any] | Iterable[str] = ()) -> PipelineConfig:
+    """Build the config of a named profile, then apply environment defaults and dotted overrides."""
+    if profile not in PROFILES:
+        raise ConfigError(f"profile: unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    if not isinstance(overrides, Mapping):
+        overrides = parse_overrides(overrides)
+    tree = json.loads(json.dumps(PROFILES[profile]))
+    tree["profile"] = profile
+    for dotted, value in {**_env_defaults(), **overrides}.items():
+        _set_dotted(tree, dotted, value)
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]).replace("validate_", "validate")
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"{field}: {err['msg']}{shown}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)

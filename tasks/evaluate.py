@@ -1,0 +1,199 @@
+"""Test-set metrics of every classifier: accuracy with a confidence interval, per-class scores, confusion matrix."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+
+from tasks.config import EvaluateConfig
+from tasks.data import load_splits
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.npz"
+NUM_CLASSES = 10
+# The claim table's order; any other model name follows, alphabetically.
+MODEL_ORDER = ("softmax", "ann", "pretrained", "probe")
+CI_METHOD = "wilson"
+
+
+def accuracy_ci(correct: int, n: int, confidence: float) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion `correct / n`.
+
+    Chosen over the normal-approximation (Wald) interval because it stays inside [0, 1]
+    and keeps close to its nominal coverage near 0 % and 100 % accuracy, where Wald
+    collapses to a zero-width interval; it needs no simulation, unlike a bootstrap.
+    """
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    if not 0 <= correct <= n:
+        raise ValueError(f"correct must lie in [0, {n}], got {correct}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p = correct / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    # Clamp the float round-off that would put the exact 0 or 1 bound a hair outside [0, 1].
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, k: int = NUM_CLASSES) -> np.ndarray:
+    """The k x k count matrix, rows = true class, columns = predicted class."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    if y_true.shape != y_pred.shape or y_true.ndim != 1:
+        raise ValueError(f"labels must be two 1-d arrays of one length, got {y_true.shape} and {y_pred.shape}")
+    for name, labels in (("y_true", y_true), ("y_pred", y_pred)):
+        if labels.size and (labels.min() < 0 or labels.max() >= k):
+            raise ValueError(f"{name} has labels outside 0..{k - 1}")
+    counts = np.zeros((k, k), dtype=np.int64)
+    np.add.at(counts, (y_true.astype(np.int64), y_pred.astype(np.int64)), 1)
+    return counts
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return float(num / den) if den else None
+
+
+def per_class(conf: np.ndarray) -> list[dict[str, Any]]:
+    """Precision, recall and F1 of each class; None where a score is undefined (0 / 0)."""
+    conf = np.asarray(conf)
+    rows = []
+    for c in range(conf.shape[0]):
+        tp, support, predicted = conf[c, c], conf[c, :].sum(), conf[:, c].sum()
+        precision, recall = _ratio(tp, predicted), _ratio(tp, support)
+        if precision is None or recall is None:
+            f1 = None
+        else:
+            # Both zero (no hit at all) is the worst F1, not an undefined one.
+            f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        rows.append({"class": c, "support": int(support), "predicted": int(predicted),
+                     "precision": precision, "recall": recall, "f1": f1})
+    return rows
+
+
+def metrics_for(y_true: np.ndarray, y_pred: np.ndarray, confidence: float, k: int = NUM_CLASSES) -> dict[str, Any]:
+    """Every JSON-able metric of one model's test predictions."""
+    conf = confusion(y_true, y_pred, k)
+    n, correct = int(conf.sum()), int(np.trace(conf))
+    low, high = accuracy_ci(correct, n, confidence)
+    classes = per_class(conf)
+    f1s = [c["f1"] for c in classes if c["f1"] is not None]
+    return {
+        "n": n, "correct": correct, "accuracy": correct / n, "ci_low": low, "ci_high": high,
+        "macro_f1": float(np.mean(f1s)) if f1s else None,
+        "per_class": classes, "confusion": conf.tolist(),
+    }
+
+
+def ordered(names: Any) -> list[str]:
+    """Model names in claim-table order."""
+    names = set(names)
+    return [n for n in MODEL_ORDER if n in names] + sorted(names - set(MODEL_ORDER))
+
+
+def best_of(models: dict[str, dict[str, Any]]) -> str:
+    """The most accurate model; a tie goes to the one earlier in claim-table order."""
+    names = ordered(models)
+    return max(names, key=lambda n: (models[n]["accuracy"], -names.index(n)))
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Per-example test predictions of each model, for paired comparisons (e.g. McNemar's test)."""
+
+    y_true: np.ndarray
+    predicted: dict[str, np.ndarray]
+    confidence: dict[str, np.ndarray]
+
+    def correct(self, model: str) -> np.ndarray:
+        return self.predicted[model] == self.y_true
+
+
+def save_predictions(preds: Predictions, directory: Path) -> Path:
+    """Store labels as uint8 and predicted-class probabilities as float32, compressed."""
+    arrays = {"y_true": preds.y_true.astype(np.uint8)}
+    for name in preds.predicted:
+        arrays[f"pred_{name}"] = preds.predicted[name].astype(np.uint8)
+        arrays[f"prob_{name}"] = preds.confidence[name].astype(np.float32)
+    path = directory / PREDICTIONS_FILE
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+def load_predictions(directory: str | Path) -> Predictions:
+    with np.load(Path(directory) / PREDICTIONS_FILE) as npz:
+        names = [key.removeprefix("pred_") for key in npz.files if key.startswith("pred_")]
+        return Predictions(npz["y_true"], {n: npz[f"pred_{n}"] for n in names},
+                           {n: npz[f"prob_{n}"] for n in names})
+
+
+def as_probabilities(outputs: np.ndarray) -> tuple[np.ndarray, str]:
+    """The model's outputs as class probabilities, and whether they already were ("probabilities") or not ("logits")."""
+    if outputs.min() >= 0 and np.allclose(outputs.sum(axis=1), 1.0, atol=1e-3):
+        return outputs, "probabilities"
+    # A head trained with from_logits=True is legitimate; softmax gives the same argmax and real probabilities.
+    shifted = np.exp(outputs - outputs.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True), "logits"
+
+
+def predict_with(path: Path, x: np.ndarray) -> tuple[np.ndarray, str]:
+    """Load a `.keras` file safely and return its class probabilities on `x`."""
+    import keras
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"model file {path} does not exist")
+    if importlib.util.find_spec("tasks.models") is not None:
+        import tasks.models  # noqa: F401  (registers the project's custom Keras objects for deserialisation)
+    model = keras.saving.load_model(path, safe_mode=True)
+    outputs = np.asarray(model.predict(x, batch_size=1024, verbose=0), dtype=np.float64)
+    if outputs.shape != (len(x), NUM_CLASSES):
+        raise ValueError(f"{Path(path).name}: expected outputs of shape {(len(x), NUM_CLASSES)}, got {outputs.shape}")
+    return as_probabilities(outputs)
+
+
+def run(
+    cfg: EvaluateConfig, split: dict[str, int | None], data_dir: Path, model_paths: dict[str, Path], out: Path
+) -> dict[str, Any]:
+    """Evaluate each model file on the test split; write `metrics.json` and `predictions.npz` into `out`.
+
+    `model_paths` maps a model name ("softmax", "ann", "pretrained",
+    optionally "probe") to its `.keras` file. metrics.json holds {"confidence", "ci_method",
+    "n_test", "models": {name: metrics_for(...) + "output"}, "order", "best_model"}.
+    Returns the accuracies, their intervals and the best model.
+    """
+    if not model_paths:
+        raise ValueError("no models to evaluate")
+    splits = load_splits(data_dir, split)
+    y_true = splits.y_test
+    models: dict[str, dict[str, Any]] = {}
+    predicted, prob_of_predicted = {}, {}
+    for name in ordered(model_paths):
+        probs, kind = predict_with(model_paths[name], splits.x_test)
+        if kind == "logits":
+            log.warning("model %s outputs logits, not probabilities; applied softmax", name)
+        predicted[name] = probs.argmax(axis=1)
+        prob_of_predicted[name] = probs.max(axis=1)
+        models[name] = {**metrics_for(y_true, predicted[name], cfg.confidence), "output": kind}
+        log.info("%s: test accuracy %.4f [%.4f, %.4f]", name, models[name]["accuracy"],
+                 models[name]["ci_low"], models[name]["ci_high"])
+    save_predictions(Predictions(y_true, predicted, prob_of_predicted), out)
+    best = best_of(models)
+    metrics = {"confidence": cfg.confidence, "ci_method": CI_METHOD, "n_test": int(len(y_true)),
+               "order": list(models), "best_model": best, "models": models}
+    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    return {
+        "n_test": int(len(y_true)), "best_model": best,
+        "accuracy": {n: m["accuracy"] for n, m in models.items()},
+        "ci": {n: [m["ci_low"], m["ci_high"]] for n, m in models.items()},
+    }

@@ -1,0 +1,201 @@
+"""Champion/challenger model registry: which fine-tuned model serves, why, and every decision that led there."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.config import PromoteConfig
+from tasks.store import Store, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+REGISTRY_FILE = Path("registry") / "registry.json"
+
+
+class RegistryError(RuntimeError):
+    """A registry operation cannot be carried out (e.g. nothing to roll back to)."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether a challenger replaces the champion, with the numbers behind it."""
+
+    promote: bool
+    reason: str
+    champion_accuracy: float | None
+    challenger_accuracy: float
+    b: int | None  # champion right, challenger wrong
+    c: int | None  # challenger right, champion wrong
+    p_value: float | None
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value: a binomial test of b successes in b + c trials with p = 1/2."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1))
+    # Exact rational arithmetic: 2**n overflows floats once a test set has thousands of disagreements.
+    return float(min(Fraction(1), Fraction(2 * tail, 2**n)))
+
+
+def decide(
+    champion_correct: np.ndarray | None,
+    challenger_correct: np.ndarray,
+    cfg: PromoteConfig,
+    validation_passed: bool,
+) -> Decision:
+    """Apply the promotion rule to per-example correctness of both models on the same test set."""
+    challenger = _as_bool(challenger_correct, "challenger_correct")
+    acc = float(challenger.mean())
+    if not validation_passed:
+        return Decision(False, f"data validation failed: challenger {_pct(acc)} never promoted",
+                        None, acc, None, None, None)
+    if champion_correct is None:
+        return Decision(True, f"first model: challenger {_pct(acc)} becomes champion", None, acc, None, None, None)
+    champion = _as_bool(champion_correct, "champion_correct")
+    if champion.shape != challenger.shape:
+        raise ValueError(f"champion and challenger were scored on different test sets "
+                         f"({champion.size} vs {challenger.size} examples)")
+    champ_acc = float(champion.mean())
+    b = int(np.sum(champion & ~challenger))
+    c = int(np.sum(~champion & challenger))
+    p = mcnemar_exact(b, c)
+    # (c - b) / n is the accuracy difference without the rounding of two separate means.
+    gain = (c - b) / challenger.size
+    head = f"challenger {_pct(acc)} vs champion {_pct(champ_acc)} ({gain * 100:+.2f} pts)"
+    if gain <= 0 or gain < cfg.min_accuracy_gain - 1e-12:
+        needed = f"gain required > 0 and >= {cfg.min_accuracy_gain * 100:.2f} pts"
+        promote, reason = False, f"{head}, {needed}: champion kept"
+    elif p >= cfg.alpha:
+        promote, reason = False, f"{head}, McNemar exact p={p:.3g} >= {cfg.alpha:g}: champion kept"
+    else:
+        promote, reason = True, f"{head}, McNemar exact p={p:.3g} < {cfg.alpha:g}: promoted"
+    return Decision(promote, reason, champ_acc, acc, b, c, p)
+
+
+def _as_bool(values: np.ndarray, name: str) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D array of per-example correctness, got shape {arr.shape}")
+    return arr.astype(bool)
+
+
+def _pct(acc: float) -> str:
+    return f"{acc * 100:.2f}%"
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class Registry:
+    """`<store root>/registry/registry.json`: the champion and an append-only history of events.
+
+    Every change happens under the store's "registry" lock and replaces the file atomically,
+    so concurrent flow runs never lose each other's events.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.store = Store(root)
+        self.path = self.store.root / REGISTRY_FILE
+
+    def champion(self) -> dict[str, Any] | None:
+        return self._read()["champion"]
+
+    def history(self) -> list[dict[str, Any]]:
+        return self._read()["history"]
+
+    def champion_model(self) -> Path | None:
+        """Absolute path of the champion's model file, or None when there is no champion."""
+        champ = self.champion()
+        return None if champ is None else self.store.root / champ["model_path"]
+
+    def candidates(self) -> dict[str, dict[str, Any]]:
+        """Every model ever evaluated or promoted, by key (latest record wins)."""
+        return {e["candidate"]["key"]: e["candidate"] for e in self.history() if "candidate" in e}
+
+    def record_decision(self, candidate: dict[str, Any], decision: Decision, flow_run_id: str | None) -> dict[str, Any]:
+        """Log an evaluated decision and promote the candidate when the decision says so; return the event."""
+        event = {"event": "promote" if decision.promote else "reject", "at": _now(), "by": flow_run_id,
+                 "reason": decision.reason, "candidate": self._normalise(candidate), "decision": asdict(decision)}
+        return self._apply(event, promote=decision.promote)
+
+    def promote(self, key: str, candidate: dict[str, Any] | None, by: str, reason: str) -> dict[str, Any]:
+        """Manual override: make `key` champion whatever the rule says (candidate looked up when None)."""
+        if candidate is None:
+            candidate = self.candidates().get(key)
+            if candidate is None:
+                raise RegistryError(f"no evaluated model with key {key}; known keys: {', '.join(self.candidates())}")
+        if candidate["key"] != key:
+            raise RegistryError(f"candidate key {candidate['key']} does not match {key}")
+        event = {"event": "manual", "at": _now(), "by": by, "reason": reason, "candidate": self._normalise(candidate)}
+        return self._apply(event, promote=True)
+
+    def rollback(self, by: str) -> dict[str, Any]:
+        """Make the previous champion the champion again and return the new champion."""
+        with self.store.lock("registry"):
+            state = self._read()
+            lineage = _lineage(state["history"])
+            if len(lineage) < 2:
+                current = "no champion" if not lineage else f"only champion {lineage[-1]['key'][:12]}"
+                raise RegistryError(f"cannot roll back: there is no previous champion ({current})")
+            previous, current = lineage[-2], lineage[-1]
+            reason = f"rollback from {current['key'][:12]} to {previous['key'][:12]}"
+            event = {"event": "rollback", "at": _now(), "by": by, "reason": reason, "candidate": previous}
+            state["champion"] = _champion(event)
+            state["history"].append(event)
+            write_json_atomic(self.path, state)
+        log.info("registry: %s by %s", reason, by)
+        return state["champion"]
+
+    def _apply(self, event: dict[str, Any], promote: bool) -> dict[str, Any]:
+        with self.store.lock("registry"):
+            state = self._read()
+            if promote:
+                state["champion"] = _champion(event)
+            state["history"].append(event)
+            write_json_atomic(self.path, state)
+        log.info("registry: %s %s (%s)", event["event"], event["candidate"]["key"][:12], event["reason"])
+        return event
+
+    def _normalise(self, candidate: dict[str, Any]) -> dict[str, Any]:
+        """The candidate with its model path relative to the store root, so the store can move."""
+        path = Path(candidate["model_path"])
+        if path.is_absolute() and path.resolve().is_relative_to(self.store.root):
+            path = path.resolve().relative_to(self.store.root)
+        return {**candidate, "model_path": path.as_posix()}
+
+    def _read(self) -> dict[str, Any]:
+        if not self.path.exists():
+            return {"champion": None, "history": []}
+        return json.loads(self.path.read_text())
+
+
+def _champion(event: dict[str, Any]) -> dict[str, Any]:
+    cand = event["candidate"]
+    return {"key": cand["key"], "model_path": cand["model_path"],
+            "metrics": {"accuracy": cand["accuracy"], "n": cand["n"]},
+            "data_fingerprint": cand["data_fingerprint"], "evaluate_key": cand.get("evaluate_key"),
+            "promoted_at": event["at"], "by": event["by"], "reason": event["reason"]}
+
+
+def _lineage(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The stack of champions the history implies: promotions push, rollbacks pop."""
+    stack: list[dict[str, Any]] = []
+    for event in history:
+        if event["event"] == "rollback":
+            stack.pop()
+        elif event["event"] in ("promote", "manual") and (not stack or stack[-1]["key"] != event["candidate"]["key"]):
+            stack.append(event["candidate"])
+    return stack

@@ -1,0 +1,190 @@
+"""The promotion rule, McNemar's exact test and the registry file under concurrent writers."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import multiprocessing
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tasks.config import PromoteConfig
+from tasks.registry import Registry, RegistryError, decide, mcnemar_exact
+
+CFG = PromoteConfig()
+
+
+def paired(n: int, b: int, c: int, both: int) -> tuple[np.ndarray, np.ndarray]:
+    """Correctness arrays of (champion, challenger) with b champion-only and c challenger-only hits."""
+    champion = np.zeros(n, bool)
+    challenger = np.zeros(n, bool)
+    champion[:both + b] = True
+    challenger[:both] = True
+    challenger[both + b:both + b + c] = True
+    return champion, challenger
+
+
+def candidate(name: str, accuracy: float = 0.95) -> dict:
+    return {"key": name * 8, "model_path": f"finetune/{name * 8}/finetuned.keras", "accuracy": accuracy,
+            "n": 1000, "data_fingerprint": "fp", "evaluate_key": f"eval-{name}"}
+
+
+@pytest.mark.parametrize(("b", "c", "expected"), [
+    (0, 6, 0.03125),             # 2 * 1/64
+    (1, 9, 0.021484375),         # 2 * (1 + 10) / 1024
+    (5, 5, 1.0),                 # tails overlap: capped at 1
+    (0, 0, 1.0),                 # no disagreement, no evidence
+    (3, 0, 0.25),                # 2 * 1/8, symmetric in b and c
+])
+def test_mcnemar_matches_hand_computed_values(b, c, expected):
+    assert mcnemar_exact(b, c) == pytest.approx(expected, abs=1e-15)
+    assert mcnemar_exact(c, b) == pytest.approx(expected, abs=1e-15)
+
+
+@pytest.mark.parametrize(("b", "c"), [(2, 11), (7, 3), (12, 12), (0, 17)])
+def test_mcnemar_matches_enumeration_of_all_outcomes(b, c):
+    # Independent definition: total probability of outcomes no more likely than the observed one.
+    n = b + c
+    probs = [math.comb(n, k) / 2**n for k in range(n + 1)]
+    expected = sum(p for p in probs if p <= probs[b] * (1 + 1e-12))
+    assert mcnemar_exact(b, c) == pytest.approx(min(1.0, expected))
+
+
+def test_mcnemar_handles_a_full_test_set_without_overflow():
+    assert 0 < mcnemar_exact(4000, 4300) < 0.05
+
+
+def test_first_model_is_promoted(store_root):
+    _, challenger = paired(1000, 0, 0, 950)
+    decision = decide(None, challenger, CFG, validation_passed=True)
+    assert decision.promote and "first model" in decision.reason
+    reg = Registry(store_root)
+    reg.record_decision(candidate("a"), decision, "run-1")
+    assert reg.champion()["key"] == "a" * 8
+    assert reg.champion()["metrics"] == {"accuracy": 0.95, "n": 1000}
+    assert reg.champion()["by"] == "run-1"
+    on_disk = json.loads((store_root / "registry" / "registry.json").read_text())
+    assert on_disk["champion"]["key"] == "a" * 8 and len(on_disk["history"]) == 1
+
+
+def test_worse_challenger_is_not_promoted():
+    champion, challenger = paired(1000, 30, 20, 920)
+    decision = decide(champion, challenger, CFG, validation_passed=True)
+    assert not decision.promote
+    assert (decision.b, decision.c) == (30, 20)
+    assert decision.champion_accuracy == pytest.approx(0.95) and decision.challenger_accuracy == pytest.approx(0.94)
+    assert "-1.00 pts" in decision.reason and "champion kept" in decision.reason
+
+
+def test_statistically_indistinguishable_gain_is_not_promoted():
+    champion, challenger = paired(1000, 10, 13, 930)
+    decision = decide(champion, challenger, CFG, validation_passed=True)
+    assert decision.challenger_accuracy > decision.champion_accuracy
+    assert decision.p_value == pytest.approx(mcnemar_exact(10, 13)) and decision.p_value >= CFG.alpha
+    assert not decision.promote
+    assert "+0.30 pts" in decision.reason and ">= 0.05" in decision.reason
+
+
+def test_clearly_better_challenger_is_promoted():
+    champion, challenger = paired(1000, 2, 30, 930)
+    decision = decide(champion, challenger, CFG, validation_passed=True)
+    assert decision.promote
+    assert decision.p_value < 1e-6
+    assert decision.reason.startswith("challenger 96.00% vs champion 93.20% (+2.80 pts), McNemar exact p=")
+    assert decision.reason.endswith("< 0.05: promoted")
+
+
+def test_gain_below_required_minimum_is_not_promoted():
+    champion, challenger = paired(1000, 2, 30, 930)
+    decision = decide(champion, challenger, PromoteConfig(min_accuracy_gain=0.05), validation_passed=True)
+    assert not decision.promote and ">= 5.00 pts" in decision.reason
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_failed_validation_never_promotes(first):
+    champion, challenger = paired(1000, 0, 60, 900)
+    decision = decide(None if first else champion, challenger, CFG, validation_passed=False)
+    assert not decision.promote and "validation failed" in decision.reason
+
+
+def test_different_test_sets_are_rejected():
+    with pytest.raises(ValueError, match="different test sets"):
+        decide(np.ones(100, bool), np.ones(99, bool), CFG, validation_passed=True)
+
+
+def test_rejected_decision_is_logged_but_keeps_the_champion(store_root):
+    reg = Registry(store_root)
+    reg.record_decision(candidate("a"), decide(None, np.ones(10, bool), CFG, True), "run-1")
+    champion, challenger = paired(1000, 30, 20, 920)
+    event = reg.record_decision(candidate("b", 0.94), decide(champion, challenger, CFG, True), "run-2")
+    assert event["event"] == "reject" and event["decision"]["b"] == 30
+    assert reg.champion()["key"] == "a" * 8
+    assert [e["event"] for e in reg.history()] == ["promote", "reject"]
+    assert set(reg.candidates()) == {"a" * 8, "b" * 8}
+
+
+def test_manual_promote_and_rollback_are_recorded(store_root):
+    reg = Registry(store_root)
+    reg.record_decision(candidate("a"), decide(None, np.ones(10, bool), CFG, True), "run-1")
+    champion, challenger = paired(1000, 2, 30, 930)
+    reg.record_decision(candidate("b"), decide(champion, challenger, CFG, True), "run-2")
+    reg.promote("c" * 8, candidate("c"), by="alice", reason="hotfix model")
+    assert reg.champion()["key"] == "c" * 8 and reg.champion()["reason"] == "hotfix model"
+
+    assert reg.rollback(by="bob")["key"] == "b" * 8
+    assert reg.rollback(by="bob")["key"] == "a" * 8
+    assert reg.champion()["by"] == "bob" and "rollback from bbbbbbbb" in reg.champion()["reason"]
+    assert [e["event"] for e in reg.history()] == ["promote", "promote", "manual", "rollback", "rollback"]
+    assert reg.champion_model() == Path(store_root).resolve() / "finetune" / ("a" * 8) / "finetuned.keras"
+
+
+def test_manual_promote_of_an_evaluated_model_by_key_alone(store_root):
+    reg = Registry(store_root)
+    reg.record_decision(candidate("a"), decide(None, np.ones(10, bool), CFG, False), "run-1")
+    assert reg.champion() is None
+    reg.promote("a" * 8, None, by="alice", reason="validation was a false alarm")
+    assert reg.champion()["key"] == "a" * 8
+    with pytest.raises(RegistryError, match="no evaluated model with key zzz"):
+        reg.promote("zzz", None, by="alice", reason="typo")
+
+
+def test_rollback_without_previous_champion_errors_clearly(store_root):
+    reg = Registry(store_root)
+    with pytest.raises(RegistryError, match="no previous champion \\(no champion\\)"):
+        reg.rollback(by="bob")
+    reg.record_decision(candidate("a"), decide(None, np.ones(10, bool), CFG, True), "run-1")
+    with pytest.raises(RegistryError, match="no previous champion \\(only champion aaaaaaaa"):
+        reg.rollback(by="bob")
+    assert reg.champion()["key"] == "a" * 8 and len(reg.history()) == 1
+
+
+def test_absolute_model_path_inside_the_store_is_stored_relative(store_root):
+    reg = Registry(store_root)
+    absolute = dict(candidate("a"), model_path=str(Path(store_root).resolve() / "finetune" / "m.keras"))
+    reg.record_decision(absolute, decide(None, np.ones(10, bool), CFG, True), None)
+    assert reg.champion()["model_path"] == "finetune/m.keras"
+
+
+def _record_many(root: str, worker: int, count: int) -> None:
+    reg = Registry(root)
+    for i in range(count):
+        champion, challenger = paired(200, i % 3, (i + worker) % 5, 150)
+        reg.record_decision(candidate(f"{worker}-{i}-"), decide(champion, challenger, CFG, True), f"w{worker}")
+
+
+def test_concurrent_writers_lose_no_history_record(store_root):
+    Registry(store_root).record_decision(candidate("a"), decide(None, np.ones(10, bool), CFG, True), "seed")
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_record_many, args=(str(store_root), w, 10)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert all(p.exitcode == 0 for p in procs)
+    history = Registry(store_root).history()
+    assert len(history) == 41
+    by_worker = {k: len(list(g)) for k, g in itertools.groupby(sorted(e["by"] for e in history[1:]))}
+    assert by_worker == {"w0": 10, "w1": 10, "w2": 10, "w3": 10}
