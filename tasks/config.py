@@ -84,7 +84,9 @@ class TrainConfig(_Section):
 
 
 class PretrainConfig(TrainConfig):
-    hidden: tuple[PositiveInt, ...] = Field(default=(128, 64), min_length=1, description="Encoder widths; decoder mirrors.")
+    hidden: tuple[PositiveInt, ...] = Field(
+        default=(128, 64), min_length=1, description="Encoder widths; the decoder mirrors them."
+    )
     activation: Activation = "sigmoid"
     init: Init = "normal"
 

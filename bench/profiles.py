@@ -1,0 +1,77 @@
+"""Run the `seed` and `default` profiles on full MNIST in one invocation and write the claim table with timings.
+
+Each profile runs through the real flow into a fresh store, so every stage is computed; `default` is
+reported against `seed` as ratios, since both ran on the same machine in the same invocation.
+
+    python bench/profiles.py [--profiles seed,default] [--out bench/results.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from flows.pipeline import pipeline
+
+MODELS = ("softmax", "ann", "pretrained", "probe")
+
+
+def run_profile(profile: str, store: Path) -> dict:
+    started = time.perf_counter()
+    result = pipeline(profile=profile, store=str(store))
+    wall = time.perf_counter() - started
+    stages = result["stages"]
+    metrics = json.loads((Path(stages["evaluate"]["path"]) / "metrics.json").read_text())
+    accuracy = {m: metrics["models"][m]["accuracy"] for m in MODELS if m in metrics["models"]}
+    return {"wall_s": wall, "stages": {s: r["duration_s"] for s, r in stages.items()}, "accuracy": accuracy,
+            "claim_held": stages["report"]["summary"].get("claim_held")}
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} (Python {platform.python_version()})"
+
+
+def to_markdown(results: dict[str, dict]) -> str:
+    profiles = list(results)
+    lines = [f"# Profile benchmark ({datetime.now(UTC):%Y-%m-%d}, {machine()})", "",
+             "Test accuracy on the 10,000 MNIST test images:", "",
+             "| model | " + " | ".join(profiles) + " |", "|---|" + "---|" * len(profiles)]
+    for model in MODELS:
+        cells = [f"{r['accuracy'][model]:.2%}" if model in r["accuracy"] else "-" for r in results.values()]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    lines.append("| claim held (pretrained > ANN > softmax) | "
+                 + " | ".join(str(r["claim_held"]) for r in results.values()) + " |")
+    lines += ["", "Wall time per stage, seconds:", "", "| stage | " + " | ".join(profiles) + " |",
+              "|---|" + "---|" * len(profiles)]
+    for stage in next(iter(results.values()))["stages"]:
+        lines.append(f"| {stage} | " + " | ".join(f"{r['stages'].get(stage, 0):.1f}" for r in results.values()) + " |")
+    lines.append("| whole run | " + " | ".join(f"{r['wall_s']:.1f}" for r in results.values()) + " |")
+    if "seed" in results and len(results) > 1:
+        base = results["seed"]["wall_s"]
+        lines += ["", "Whole-run time relative to `seed` (same invocation): "
+                  + ", ".join(f"{p} {r['wall_s'] / base:.2f}x" for p, r in results.items() if p != "seed")]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profiles", default="seed,default")
+    parser.add_argument("--out", default="bench/results.md")
+    args = parser.parse_args()
+    results = {}
+    for profile in args.profiles.split(","):
+        with tempfile.TemporaryDirectory(prefix=f"bench-{profile}-") as store:
+            results[profile] = run_profile(profile, Path(store))
+        print(json.dumps({profile: results[profile]}, indent=2))
+    Path(args.out).write_text(to_markdown(results))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Run history: one JSON line per flow run in `<store root>/history/runs.jsonl`, and its trend."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from tasks.store import Store
+
+log = logging.getLogger(__name__)
+
+HISTORY_FILE = Path("history") / "runs.jsonl"
+TREND_MODEL = "pretrained"
+TREND_WINDOW = 5
+TREND_TOLERANCE = 0.001  # accuracy per run (0.1 pts): below this the slope is run-to-run noise
+
+Trend = Literal["improving", "flat", "regressing"]
+
+
+def history_path(root: str | os.PathLike[str]) -> Path:
+    return Store(root).root / HISTORY_FILE
+
+
+def append(root: str | os.PathLike[str], record: dict[str, Any]) -> dict[str, Any]:
+    """Append one run record (stamped with the UTC time if it has none) and fsync it; return the record.
+
+    Expected fields: flow_run_id, profile, data_fingerprint, config_hash,
+    stages {name: {cached, duration_s}}, accuracy {model: acc}, promotion {promote, reason}.
+    """
+    record = {"at": datetime.now(UTC).isoformat(timespec="seconds"), **record}
+    line = json.dumps(record, sort_keys=True, default=str)
+    path = history_path(root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with Store(root).lock("history"), path.open("ab+") as fh:
+        # A writer killed mid-line leaves no newline; start a fresh line so only its fragment is lost.
+        fh.seek(0, os.SEEK_END)
+        if fh.tell() > 0:
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) != b"\n":
+                fh.write(b"\n")
+        fh.write(line.encode() + b"\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    return record
+
+
+def read(root: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """All run records, oldest first; a torn or corrupt line is skipped with a warning."""
+    path = history_path(root)
+    if not path.exists():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("history: skipping unreadable line %d of %s (a run interrupted while writing?)", number, path)
+    return records
+
+
+def accuracies(records: list[dict[str, Any]], model: str) -> list[float]:
+    """The accuracy of one model in every record that has it, oldest first."""
+    return [r["accuracy"][model] for r in records if r.get("accuracy", {}).get(model) is not None]
+
+
+def trend(records: list[dict[str, Any]], model: str = TREND_MODEL, window: int = TREND_WINDOW,
+          tolerance: float = TREND_TOLERANCE) -> Trend:
+    """Classify the recent trend of a model's accuracy.
+
+    Rule: fit a least-squares line to the model's accuracy over its last `window` runs;
+    a slope above `tolerance` (accuracy per run) is "improving", below -`tolerance`
+    "regressing", anything else (including fewer than two runs) "flat".
+    """
+    recent = accuracies(records, model)[-window:]
+    if len(recent) < 2:
+        return "flat"
+    slope = float(np.polyfit(np.arange(len(recent)), recent, 1)[0])
+    if slope > tolerance:
+        return "improving"
+    if slope < -tolerance:
+        return "regressing"
+    return "flat"
+
+
+def model_names(records: list[dict[str, Any]]) -> list[str]:
+    """Every model name that appears in the records, in first-seen order."""
+    return list(dict.fromkeys(name for r in records for name in r.get("accuracy", {})))
+
+
+def trend_figure(records: list[dict[str, Any]], path: Path) -> Path:
+    """Plot the test accuracy of each model over the runs into a PNG."""
+    # The object-oriented API renders with Agg and leaves pyplot's global state alone.
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.add_subplot()
+    for name in model_names(records):
+        runs = [(i, acc) for i, r in enumerate(records, 1) if (acc := r.get("accuracy", {}).get(name)) is not None]
+        ax.plot(*zip(*runs, strict=True), marker="o", label=name)
+    ax.set_xlabel("run")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"Test accuracy over {len(records)} runs ({TREND_MODEL}: {trend(records)})")
+    ax.grid(alpha=0.3)
+    if records:
+        ax.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def trend_table(records: list[dict[str, Any]], last: int = 10) -> list[dict[str, Any]]:
+    """Rows for a report table of the last `last` runs, all with the same columns."""
+    start = max(len(records) - last, 0)
+    shown = records[start:]
+    names = model_names(shown)
+    rows = []
+    for run, r in enumerate(shown, start + 1):
+        stages = r.get("stages", {})
+        promotion = r.get("promotion") or {}
+        rows.append({
+            "run": run,
+            "at": r.get("at"),
+            "flow_run_id": r.get("flow_run_id"),
+            "profile": r.get("profile"),
+            "data": (r.get("data_fingerprint") or "")[:12],
+            "config": (r.get("config_hash") or "")[:12],
+            "cached": f"{sum(bool(s.get('cached')) for s in stages.values())}/{len(stages)}",
+            "duration_s": round(sum(s.get("duration_s") or 0.0 for s in stages.values()), 1),
+            **{name: r.get("accuracy", {}).get(name) for name in names},
+            "promoted": promotion.get("promote"),
+        })
+    return rows

@@ -1,0 +1,83 @@
+"""Strict reader (and writer) of the IDX format that MNIST and Fashion-MNIST ship in."""
+
+from __future__ import annotations
+
+import gzip
+import math
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+# Magic number = two zero bytes, a type byte (0x08 = unsigned byte) and the number of dimensions.
+IMAGES_MAGIC = 0x00000803
+LABELS_MAGIC = 0x00000801
+ROWS = COLS = 28
+_AXES = {IMAGES_MAGIC: ("items", "rows", "columns"), LABELS_MAGIC: ("items",)}
+
+
+class DataError(ValueError):
+    """A data file is missing, damaged or not what it claims to be; the message names the file and the problem."""
+
+
+def read_payload(path: Path, name: str | None = None) -> bytes:
+    """The file's bytes, gunzipped when its name ends in .gz; `name` is how errors refer to it."""
+    name = name or str(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{name}: missing") from None
+    except OSError as exc:
+        raise DataError(f"{name}: unreadable ({exc.strerror})") from None
+    if path.suffix != ".gz":
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as exc:  # bad header, cut-off stream, bad deflate data or CRC
+        raise DataError(f"{name}: corrupt gzip ({exc})") from None
+
+
+def parse_idx(payload: bytes, name: str, magic: int, shape: tuple[int | None, ...]) -> np.ndarray:
+    """The uint8 array of an IDX payload whose magic and dimensions must equal `magic` and `shape` (None: any)."""
+    if len(payload) < 4:
+        raise DataError(f"{name}: truncated header ({len(payload)} bytes)")
+    found = int.from_bytes(payload[:4], "big")
+    if found != magic:
+        raise DataError(f"{name}: wrong magic number 0x{found:08x}, expected 0x{magic:08x}")
+    header = 4 + 4 * len(shape)
+    if len(payload) < header:
+        raise DataError(f"{name}: truncated header ({len(payload)} bytes, need {header})")
+    dims = tuple(int(d) for d in np.frombuffer(payload, ">u4", count=len(shape), offset=4))
+    for axis, got, want in zip(_AXES.get(magic, ("items",) * len(shape)), dims, shape, strict=True):
+        if want is not None and got != want:
+            raise DataError(f"{name}: header declares {got} {axis}, expected {want}")
+    size, body = math.prod(dims), len(payload) - header
+    if body < size:
+        raise DataError(f"{name}: truncated payload ({body} data bytes, header declares {size})")
+    if body > size:
+        raise DataError(f"{name}: {body - size} trailing bytes after the {size} data bytes the header declares")
+    return np.frombuffer(payload, np.uint8, count=size, offset=header).reshape(dims)
+
+
+def parse_images(payload: bytes, name: str, count: int | None = None) -> np.ndarray:
+    """Images (n, 28, 28) of an idx3-ubyte payload; `count` is the expected n."""
+    return parse_idx(payload, name, IMAGES_MAGIC, (count, ROWS, COLS))
+
+
+def parse_labels(payload: bytes, name: str, count: int | None = None) -> np.ndarray:
+    """Labels (n,) of an idx1-ubyte payload; `count` is the expected n."""
+    return parse_idx(payload, name, LABELS_MAGIC, (count,))
+
+
+def check_pair(images: np.ndarray, labels: np.ndarray, images_name: str, labels_name: str) -> None:
+    """Fail unless there is one label per image."""
+    if len(images) != len(labels):
+        raise DataError(f"{labels_name}: {len(labels)} labels for the {len(images)} images of {images_name}")
+
+
+def encode_idx(array: np.ndarray) -> bytes:
+    """The IDX payload of a uint8 array, byte-identical to the canonical files for their arrays."""
+    if array.dtype != np.uint8:
+        raise ValueError(f"IDX here holds unsigned bytes only, got {array.dtype}")
+    header = (0x0800 | array.ndim).to_bytes(4, "big") + np.asarray(array.shape, ">u4").tobytes()
+    return header + np.ascontiguousarray(array).tobytes()

@@ -1,0 +1,141 @@
+"""Classify image files of handwritten digits with a saved model, framing each image as MNIST was built."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+log = logging.getLogger(__name__)
+
+SIDE = 28  # MNIST image side
+BOX = 20  # MNIST fitted each digit's longer side into 20 px, then centred it by its centre of mass
+INK = 0.1  # normalised intensity above which a pixel counts as ink when cropping
+
+
+class ImageError(ValueError):
+    """A file is not a usable digit image; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The predicted digit of one file with its probability, or the one-line reason it has none."""
+
+    path: Path
+    digit: int | None
+    probability: float | None
+    error: str | None = None
+
+
+def prepare(image_path: Path) -> np.ndarray:
+    """Turn an image file of one digit into MNIST's framing: 784 float32 in [0, 1], white ink on black."""
+    gray = load_gray(Path(image_path))
+    ink = normalise_ink(gray, image_path)
+    return frame(ink).reshape(SIDE * SIDE)
+
+
+def load_gray(path: Path) -> np.ndarray:
+    """Read any Pillow-readable image as a float grayscale array, transparency composited on white."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+                white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+                img = Image.alpha_composite(white, img.convert("RGBA"))
+            # 16-bit and float modes are kept as they are: only relative intensities matter below.
+            if img.mode not in ("L", "I", "F") and not img.mode.startswith("I;16"):
+                img = img.convert("L")
+            return np.asarray(img, dtype=np.float64)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        # Pillow raises OSError for unknown or truncated files, ValueError/SyntaxError for some malformed headers.
+        raise ImageError(f"{path}: not a readable image ({_one_line(exc)})") from None
+
+
+def normalise_ink(gray: np.ndarray, path: Path) -> np.ndarray:
+    """Map the background to 0 and the strongest ink to 1, inverting dark-on-light images."""
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    if np.median(border) > (gray.min() + gray.max()) / 2:
+        gray = gray.max() - gray  # MNIST digits are light on a dark background
+        border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    background, peak = float(np.median(border)), float(gray.max())
+    if peak - background <= 1e-6 * max(abs(peak), 1.0):
+        raise ImageError(f"{path}: blank image, no digit found")
+    return np.clip((gray - background) / (peak - background), 0.0, 1.0)
+
+
+def frame(ink: np.ndarray) -> np.ndarray:
+    """Crop to the ink, fit the longer side into 20 px and centre the result by its centre of mass in 28x28."""
+    rows, cols = np.nonzero(ink > INK)
+    crop = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    scale = BOX / max(crop.shape)
+    height, width = (max(1, round(n * scale)) for n in crop.shape)
+    small = Image.fromarray(crop.astype(np.float32)).resize((width, height), Image.Resampling.LANCZOS)
+    digit = np.clip(np.asarray(small, dtype=np.float32), 0.0, 1.0)
+
+    ys, xs = np.indices(digit.shape)
+    mass = digit.sum()
+    cy, cx = (ys * digit).sum() / mass, (xs * digit).sum() / mass
+    # MNIST's centres of mass sit at pixel (14, 14); clamp so that no ink falls off the canvas.
+    top = int(np.clip(round(SIDE / 2 - cy), 0, SIDE - height))
+    left = int(np.clip(round(SIDE / 2 - cx), 0, SIDE - width))
+    canvas = np.zeros((SIDE, SIDE), np.float32)
+    canvas[top:top + height, left:left + width] = digit
+    return canvas
+
+
+def predict(model_path: Path, image_paths: list[Path]) -> list[Prediction]:
+    """Predict the digit of every image with the saved Keras model; a bad file gets an error, not an exception."""
+    model = load_model(Path(model_path))
+    prepared: dict[int, np.ndarray] = {}
+    errors: dict[int, str] = {}
+    for i, path in enumerate(image_paths):
+        try:
+            prepared[i] = prepare(Path(path))
+        except Exception as exc:  # one bad file must not stop the others
+            errors[i] = _one_line(exc) if isinstance(exc, ImageError) else f"{path}: {_one_line(exc)}"
+            log.warning("predict: %s", errors[i])
+    probs = _probabilities(model, np.stack(list(prepared.values()))) if prepared else np.empty((0, 10))
+    by_index = dict(zip(prepared, probs, strict=True))
+    results = []
+    for i, path in enumerate(image_paths):
+        if i in errors:
+            results.append(Prediction(Path(path), None, None, errors[i]))
+        else:
+            p = by_index[i]
+            results.append(Prediction(Path(path), int(p.argmax()), float(p.max())))
+    return results
+
+
+def load_model(model_path: Path):  # -> keras.Model; keras is imported lazily so prepare() stays light
+    """Load a `.keras` model safely, after registering the project's custom objects if they exist."""
+    import keras
+
+    if importlib.util.find_spec("tasks.models") is not None:
+        importlib.import_module("tasks.models")  # registers the TF1 RMSProp optimizer used by seed models
+    if not model_path.is_file():
+        raise FileNotFoundError(f"{model_path}: no such model file")
+    return keras.saving.load_model(model_path, safe_mode=True)
+
+
+def _probabilities(model, x: np.ndarray) -> np.ndarray:
+    """Class probabilities, reshaping the 784-vectors to whatever input shape the model declares."""
+    shape = tuple(model.input_shape[1:])
+    out = np.asarray(model.predict(x.reshape((len(x), *shape)), verbose=0), dtype=np.float64)
+    if np.any(out < 0) or not np.allclose(out.sum(axis=1), 1.0, atol=1e-3):
+        # A head without softmax returns logits.
+        out = np.exp(out - out.max(axis=1, keepdims=True))
+        out /= out.sum(axis=1, keepdims=True)
+    return out
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

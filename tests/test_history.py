@@ -1,0 +1,114 @@
+"""Run history: append/read, concurrent appenders, torn lines, trend rule, figure and table."""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+
+import pytest
+from PIL import Image
+
+from tasks import history
+
+
+def run_record(i: int, pretrained: float = 0.97, **extra) -> dict:
+    return {
+        "flow_run_id": f"run-{i}",
+        "profile": "quick",
+        "data_fingerprint": "d" * 64,
+        "config_hash": "c" * 64,
+        "stages": {"download": {"cached": True, "duration_s": 0.1}, "pretrain": {"cached": False, "duration_s": 4.0}},
+        "accuracy": {"softmax": 0.92, "pretrained": pretrained},
+        "promotion": {"promote": i == 0, "reason": "first model" if i == 0 else "champion kept"},
+        **extra,
+    }
+
+
+def records_of(values: list[float]) -> list[dict]:
+    return [run_record(i, v) for i, v in enumerate(values)]
+
+
+def test_append_read_round_trip(store_root):
+    written = [history.append(store_root, run_record(i)) for i in range(3)]
+    assert history.read(store_root) == written
+    assert written[0]["at"].endswith("+00:00")
+    assert (store_root / "history" / "runs.jsonl").read_text().count("\n") == 3
+
+
+def test_read_of_missing_history_is_empty(store_root):
+    assert history.read(store_root) == []
+
+
+def test_torn_last_line_is_skipped_with_a_warning(store_root, caplog):
+    history.append(store_root, run_record(0))
+    path = store_root / "history" / "runs.jsonl"
+    with path.open("a") as fh:
+        fh.write(json.dumps(run_record(1))[:40])  # a writer killed mid-line
+    with caplog.at_level(logging.WARNING, logger="tasks.history"):
+        assert [r["flow_run_id"] for r in history.read(store_root)] == ["run-0"]
+    assert "line 2" in caplog.text
+
+    # The next append starts on a fresh line, so only the fragment is lost.
+    history.append(store_root, run_record(2))
+    assert [r["flow_run_id"] for r in history.read(store_root)] == ["run-0", "run-2"]
+
+
+def _append_many(root: str, worker: int, count: int) -> None:
+    for i in range(count):
+        history.append(root, run_record(i, flow_run_id=f"w{worker}-{i}"))
+
+
+def test_concurrent_appends_lose_nothing(store_root):
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_append_many, args=(str(store_root), w, 25)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert all(p.exitcode == 0 for p in procs)
+    ids = sorted(r["flow_run_id"] for r in history.read(store_root))
+    assert ids == sorted(f"w{w}-{i}" for w in range(4) for i in range(25))
+
+
+@pytest.mark.parametrize(("values", "expected"), [
+    ([], "flat"),
+    ([0.97], "flat"),
+    ([0.960, 0.965, 0.970, 0.975, 0.980], "improving"),
+    ([0.980, 0.975, 0.970, 0.965, 0.960], "regressing"),
+    ([0.975, 0.976, 0.974, 0.975, 0.976], "flat"),
+    # Only the last five runs count: an old climb followed by a steady decline is a regression.
+    ([0.90, 0.93, 0.96, 0.99, 0.985, 0.98, 0.975, 0.97], "regressing"),
+    ([0.97, 0.98], "improving"),
+])
+def test_trend_classification(values, expected):
+    assert history.trend(records_of(values)) == expected
+
+
+def test_trend_ignores_runs_without_the_pretrained_model():
+    records = records_of([0.96, 0.97, 0.98])
+    records.insert(1, {"flow_run_id": "part2", "accuracy": {}})
+    assert history.trend(records) == "improving"
+    assert history.accuracies(records, "pretrained") == [0.96, 0.97, 0.98]
+
+
+def test_trend_figure_is_written(tmp_path):
+    records = records_of([0.96, 0.97, 0.975])
+    records[1]["accuracy"]["probe"] = 0.9
+    path = history.trend_figure(records, tmp_path / "figs" / "trend.png")
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.size == (700, 400)
+
+
+def test_trend_figure_of_no_runs_is_still_written(tmp_path):
+    assert history.trend_figure([], tmp_path / "trend.png").stat().st_size > 0
+
+
+def test_trend_table_rows_share_columns_and_keep_the_last_runs():
+    records = records_of([0.9 + i / 100 for i in range(12)])
+    records[-1]["accuracy"]["probe"] = 0.88
+    rows = history.trend_table(records, last=10)
+    assert [r["run"] for r in rows] == list(range(3, 13))
+    assert {tuple(r) for r in rows} == {tuple(rows[0])}
+    assert rows[-1]["pretrained"] == pytest.approx(1.01) and rows[-1]["probe"] == 0.88 and rows[0]["probe"] is None
+    assert rows[0]["cached"] == "1/2" and rows[0]["duration_s"] == 4.1 and rows[0]["data"] == "d" * 12
