@@ -6,3 +6,4 @@ import os
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
 
 from flows.stages import stage_task
-from tasks import graph
+from tasks import graph, publish
 from tasks.config import PipelineConfig, Stage, load_config
 from tasks.store import ArtifactRef, Store
 
@@ -23,17 +25,35 @@ def _configure(profile: str, overrides: dict[str, Any] | None, store: str | None
 def _upstream_refs(steps: list[graph.Step], only: set[str], store: Store, config: PipelineConfig) -> dict[str, ArtifactRef]:
     """Store artifacts that the selected stages need but do not compute themselves."""
     needed = {u for s in only for u in graph.upstream_of(config, s)} - only  # type: ignore[arg-type]
-    refs = {}
-    for step in steps:
-        if step.stage in needed:
-            ref = store.load(step.stage, step.key)
-            if ref is None:
-                raise MissingUpstream(
-                    f"stage {step.stage} (key {step.key[:12]}) is needed by {', '.join(sorted(only))} but is not in "
-                    f"{store.root}: {step.reason}. Run it first (mnist-ae run --only {step.stage}) or run without --only."
-                )
-            refs[step.stage] = ref
-    return refs
+    refs = {s.stage: store.load(s.stage, s.key) for s in steps if s.stage in needed}
+    if missing := [s for s in steps if s.stage in needed and refs[s.stage] is None]:
+        raise MissingUpstream(
+            f"{', '.join(sorted(only))} needs stages that are not in {store.root}: "
+            + "; ".join(f"{s.stage} ({s.reason})" for s in missing)
+            + ". Run them first (mnist-ae run --only " + ",".join(s.stage for s in missing) + ") or run without --only."
+        )
+    return {stage: ref for stage, ref in refs.items() if ref is not None}
+
+
+REPORT_ARTIFACT = "mnist-ae-report"
+ACCURACY_ARTIFACT = "mnist-ae-accuracy"
+
+
+@task(name="publish")
+def publish_run(config: PipelineConfig, refs: dict[str, ArtifactRef]) -> dict[str, Any]:
+    """Promote or keep the champion, append the run history, write the run report and its Prefect artifacts."""
+    store = Store(config.store)
+    run_id = flow_run.get_id()
+    decision = publish.promote(config, store, refs, run_id) if "evaluate" in refs else None
+    publish.record(config, store, refs, decision, run_id)
+    if "report" not in refs:
+        return {"decision": decision and decision.reason}
+    paths = publish.run_report(store, refs, decision, run_id)
+    create_markdown_artifact(key=REPORT_ARTIFACT, markdown=publish.markdown_without_figures(paths["blocks"])
+                             + f"\n\nFull report with figures: `{paths['html']}`\n", description=config.report.title)
+    if rows := refs["report"].summary.get("rows"):
+        create_table_artifact(key=ACCURACY_ARTIFACT, table=rows, description="test accuracy per model, 95% CI")
+    return {"decision": decision and decision.reason, "report": str(paths["html"])}
 
 
 @flow(name="mnist-ae-pipeline")
@@ -74,4 +94,8 @@ def pipeline(
         refs[step.stage] = ref.model_copy(update={"cached": True}) if state.name == "Cached" else ref
     for stage, ref in refs.items():
         logger.info("%-9s %-8s %s", stage, "cached" if ref.cached else "computed", ref.path)
-    return {"store": str(the_store.root), "stages": {s: r.model_dump(mode="json") for s, r in refs.items()}}
+    published = publish_run(config, refs)
+    if published.get("report"):
+        logger.info("report: %s", published["report"])
+    return {"flow_run_id": flow_run.get_id(), "store": str(the_store.root), "stages": {s: r.model_dump(mode="json") for s, r in refs.items()},
+            **published}

@@ -108,6 +108,15 @@ def best_of(models: dict[str, dict[str, Any]]) -> str:
     return max(names, key=lambda n: (models[n]["accuracy"], -names.index(n)))
 
 
+def assemble(models: dict[str, dict[str, Any]], confidence: float) -> dict[str, Any]:
+    """The metrics.json document from each model's `metrics_for` result."""
+    if not models:
+        raise ValueError("no model metrics to assemble")
+    names = ordered(models)
+    return {"confidence": confidence, "ci_method": CI_METHOD, "n_test": models[names[0]]["n"],
+            "order": names, "best_model": best_of(models), "models": {n: models[n] for n in names}}
+
+
 @dataclass(frozen=True)
 class Predictions:
     """Per-example test predictions of each model, for paired comparisons (e.g. McNemar's test)."""
@@ -167,9 +176,9 @@ def run(
 ) -> dict[str, Any]:
     """Evaluate each model file on the test split; write `metrics.json` and `predictions.npz` into `out`.
 
-    `model_paths` maps a model name ("softmax", "ann", "pretrained",
-    optionally "probe") to its `.keras` file. metrics.json holds {"confidence", "ci_method",
-    "n_test", "models": {name: metrics_for(...) + "output"}, "order", "best_model"}.
+    `model_paths` maps a model name ("softmax", "ann", "pretrained", optionally "probe") to its
+    `.keras` file. metrics.json is `assemble(...)`: {"confidence", "ci_method", "n_test", "order",
+    "best_model", "models": {name: metrics_for(...) plus "output" ("probabilities" or "logits")}}.
     Returns the accuracies, their intervals and the best model.
     """
     if not model_paths:
@@ -188,12 +197,10 @@ def run(
         log.info("%s: test accuracy %.4f [%.4f, %.4f]", name, models[name]["accuracy"],
                  models[name]["ci_low"], models[name]["ci_high"])
     save_predictions(Predictions(y_true, predicted, prob_of_predicted), out)
-    best = best_of(models)
-    metrics = {"confidence": cfg.confidence, "ci_method": CI_METHOD, "n_test": int(len(y_true)),
-               "order": list(models), "best_model": best, "models": models}
+    metrics = assemble(models, cfg.confidence)
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     return {
-        "n_test": int(len(y_true)), "best_model": best,
+        "n_test": metrics["n_test"], "best_model": metrics["best_model"],
         "accuracy": {n: m["accuracy"] for n, m in models.items()},
         "ci": {n: [m["ci_low"], m["ci_high"]] for n, m in models.items()},
     }

@@ -111,7 +111,7 @@ SPECS: dict[Stage, StageSpec] = {
     ),
     "report": StageSpec(
         upstream=("validate", "pretrain", "finetune", "baselines", "evaluate"),
-        modules=("tasks.report",),
+        modules=("tasks.report", "tasks.evaluate"),
         section=lambda c: {"config": _reported_config(c)},
         run=lambda c, refs, out, progress: report.run(
             c.report, {s: _dir(refs, s) for s in refs}, _run_info(c, refs), out),

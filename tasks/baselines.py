@@ -1,0 +1,61 @@
+"""Stage 5: the notebook's comparison models, softmax regression and the same network without pretraining."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from tasks.config import BaselinesConfig
+from tasks.data import load_splits
+from tasks.models import (
+    CLASSIFICATION_LOSS,
+    MODEL_FILES,
+    Progress,
+    build_ann,
+    build_softmax_regression,
+    compile_model,
+    fit,
+    write_history,
+)
+
+log = logging.getLogger(__name__)
+
+SOFTMAX_FILE = MODEL_FILES["softmax"][1]
+ANN_FILE = MODEL_FILES["ann"][1]
+SOFTMAX_HISTORY_FILE = "softmax_history.json"
+ANN_HISTORY_FILE = "ann_history.json"
+
+
+def run(cfg: BaselinesConfig, split: dict[str, int | None], data_dir: Path, out: Path,
+        progress: Progress | None = None, *, hidden: tuple[int, ...], activation: str) -> dict[str, Any]:
+    """Train softmax regression and a randomly initialised 784-hidden-10 network with the same settings.
+
+    `hidden` and `activation` must be the pretrained model's, so that the ANN differs from it only by the
+    missing pretraining. Writes `softmax.keras`, `ann.keras`, `softmax_history.json` and `ann_history.json`.
+    `progress` sees one run of 2 * cfg.epochs epochs: softmax first, then the ANN from cfg.epochs + 1.
+    """
+    data = load_splits(data_dir, split)
+    validation = (data.x_val, data.y_val) if len(data.x_val) else None
+    models = {
+        "softmax": (build_softmax_regression(), SOFTMAX_FILE, SOFTMAX_HISTORY_FILE),
+        "ann": (build_ann(hidden, activation, cfg.init), ANN_FILE, ANN_HISTORY_FILE),
+    }
+    summary: dict[str, Any] = {"train_size": len(data.x_train), "val_size": len(data.x_val),
+                               "hidden": list(hidden), "activation": activation, "init": cfg.init}
+    for index, (name, (model, model_file, history_file)) in enumerate(models.items()):
+        compile_model(model, cfg, CLASSIFICATION_LOSS)
+        rows, summary[name] = fit(model, data.x_train, data.y_train, validation, cfg,
+                                  _offset(progress, index * cfg.epochs, 2 * cfg.epochs))
+        model.save(out / model_file)
+        write_history(rows, out / history_file)
+    summary["seconds"] = round(sum(summary[name]["seconds"] for name in models), 2)
+    log.info("baselines done: %s", summary)
+    return summary
+
+
+def _offset(progress: Progress | None, offset: int, total: int) -> Progress | None:
+    """Shift one model's epochs into the stage's overall epoch count."""
+    if progress is None:
+        return None
+    return lambda epoch, _epochs, logs: progress(epoch + offset, total, logs)

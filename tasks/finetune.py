@@ -1,0 +1,58 @@
+"""Stage 4: put a softmax head on the pretrained encoder and train the classifier (the notebook's fine-tuning)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from tasks.config import FinetuneConfig
+from tasks.data import Splits, load_splits
+from tasks.models import (
+    CLASSIFICATION_LOSS,
+    MODEL_FILES,
+    Progress,
+    build_classifier,
+    compile_model,
+    extract_encoder,
+    fit,
+    write_history,
+)
+from tasks.pretrain import load_autoencoder
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = MODEL_FILES["pretrained"][1]
+PROBE_FILE = MODEL_FILES["probe"][1]
+HISTORY_FILE = "history.json"
+PROBE_HISTORY_FILE = "probe_history.json"
+
+
+def run(cfg: FinetuneConfig, split: dict[str, int | None], data_dir: Path, pretrain_dir: Path, out: Path,
+        progress: Progress | None = None) -> dict[str, Any]:
+    """Fine-tune the pretrained encoder with a zero-initialised softmax head on the training labels.
+
+    The notebook minimises the cross-entropy over all variables, so the encoder trains too unless
+    `cfg.freeze_encoder`. Writes `finetuned.keras` and `history.json`; with `cfg.linear_probe` also a
+    frozen-encoder probe, `probe.keras` and `probe_history.json`.
+    """
+    data = load_splits(data_dir, split)
+    autoencoder = load_autoencoder(pretrain_dir)
+    summary = _train(cfg, data, autoencoder, cfg.freeze_encoder, out / MODEL_FILE, out / HISTORY_FILE, progress)
+    summary.update(train_size=len(data.x_train), val_size=len(data.x_val), freeze_encoder=cfg.freeze_encoder)
+    if cfg.linear_probe:
+        summary["probe"] = _train(cfg, data, autoencoder, True, out / PROBE_FILE, out / PROBE_HISTORY_FILE, None)
+    log.info("fine-tuning done: %s", summary)
+    return summary
+
+
+def _train(cfg: FinetuneConfig, data: Splits, autoencoder: Any, freeze: bool, model_path: Path,
+           history_path: Path, progress: Progress | None) -> dict[str, Any]:
+    """Build one classifier on a fresh copy of the encoder, train it and write its model and history."""
+    model = build_classifier(extract_encoder(autoencoder), freeze=freeze)
+    compile_model(model, cfg, CLASSIFICATION_LOSS)
+    validation = (data.x_val, data.y_val) if len(data.x_val) else None
+    rows, summary = fit(model, data.x_train, data.y_train, validation, cfg, progress)
+    model.save(model_path)
+    write_history(rows, history_path)
+    return summary

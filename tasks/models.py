@@ -1,0 +1,281 @@
+"""The notebook's networks in Keras 3, TF1's RMSProp, and the one training loop all stages share."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+from keras import layers, ops
+
+from tasks.config import PretrainConfig, TrainConfig
+from tasks.store import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, dict[str, float]], None]
+
+# Model name -> (stage, file inside that stage's artifact directory); "probe" only with FinetuneConfig.linear_probe.
+MODEL_FILES: dict[str, tuple[str, str]] = {
+    "softmax": ("baselines", "softmax.keras"),
+    "ann": ("baselines", "ann.keras"),
+    "pretrained": ("finetune", "finetuned.keras"),
+    "probe": ("finetune", "probe.keras"),
+}
+
+INPUT_SIZE = 784
+NUM_CLASSES = 10
+RECONSTRUCTION_LOSS = "mean_squared_error"
+CLASSIFICATION_LOSS = "sparse_categorical_crossentropy"
+
+
+@keras.saving.register_keras_serializable(package="mnist_ae")
+class TF1RMSprop(keras.optimizers.Optimizer):
+    """TF1's `RMSPropOptimizer` without momentum: accumulator starts at 1.0 and epsilon sits inside the square root.
+
+    Keras's own RMSprop starts the accumulator at 0, so its first steps are about lr / sqrt(1 - rho) ~ 3x larger
+    per weight; with N(0, 1) sigmoid networks that trains very differently from the notebook.
+    """
+
+    def __init__(self, learning_rate=0.001, rho=0.9, epsilon=1e-10, initial_accumulator=1.0,
+                 name="tf1_rmsprop", **kwargs):
+        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+        self.rho = rho
+        self.epsilon = epsilon
+        self.initial_accumulator = initial_accumulator
+
+    def build(self, var_list):
+        if self.built:
+            return
+        super().build(var_list)
+        self._ms = self.add_optimizer_variables(
+            var_list, "ms", initializer=keras.initializers.Constant(self.initial_accumulator)
+        )
+
+    def update_step(self, gradient, variable, learning_rate):
+        lr = ops.cast(learning_rate, variable.dtype)
+        grad = ops.cast(gradient, variable.dtype)
+        ms = self._ms[self._get_variable_index(variable)]
+        # The same arithmetic as TF1's ApplyRMSProp kernel: ms += (g^2 - ms) * (1 - rho).
+        self.assign(ms, ops.add(ms, ops.multiply(ops.subtract(ops.square(grad), ms), 1.0 - self.rho)))
+        self.assign_sub(variable, ops.divide(ops.multiply(lr, grad), ops.sqrt(ops.add(ms, self.epsilon))))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(rho=self.rho, epsilon=self.epsilon, initial_accumulator=self.initial_accumulator)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="mnist_ae")
+class LastBatchLoss(keras.metrics.Metric):
+    """The loss of the most recent batch, as the notebook printed it (Keras logs the epoch's running mean)."""
+
+    def __init__(self, loss: str = RECONSTRUCTION_LOSS, name: str = "last_batch_loss", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.loss = loss
+        self._loss_fn = keras.losses.get(loss)
+        self.value = self.add_variable(shape=(), initializer="zeros", name="value")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        self.value.assign(ops.cast(ops.mean(self._loss_fn(y_true, y_pred)), self.dtype))
+
+    def result(self):
+        return ops.convert_to_tensor(self.value)
+
+    def get_config(self):
+        return {"loss": self.loss, "name": self.name, "dtype": self.dtype}
+
+
+def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:
+    """A fresh optimizer by its config name ("sgd" is plain gradient descent, as TF1's GradientDescentOptimizer)."""
+    factories: dict[str, Callable[[float], keras.optimizers.Optimizer]] = {
+        "rmsprop_tf1": lambda lr: TF1RMSprop(learning_rate=lr),
+        "rmsprop": lambda lr: keras.optimizers.RMSprop(learning_rate=lr),
+        "adam": lambda lr: keras.optimizers.Adam(learning_rate=lr),
+        "sgd": lambda lr: keras.optimizers.SGD(learning_rate=lr),
+    }
+    if name not in factories:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(factories)}")
+    return factories[name](learning_rate)
+
+
+def _initializers(init: str) -> tuple[keras.initializers.Initializer, keras.initializers.Initializer]:
+    """Fresh (kernel, bias) initializers; fresh per layer, since a reused seeded instance repeats its draws."""
+    if init == "normal":
+        # tf.random_normal in the notebook: N(0, 1) for weights and biases alike.
+        return keras.initializers.RandomNormal(0.0, 1.0), keras.initializers.RandomNormal(0.0, 1.0)
+    if init in ("glorot_uniform", "he_normal"):
+        return keras.initializers.get(init), keras.initializers.Zeros()
+    raise ValueError(f"unknown initialisation {init!r}")
+
+
+def _dense(units: int, activation: str, init: str, name: str) -> layers.Dense:
+    kernel, bias = _initializers(init)
+    return layers.Dense(units, activation=activation, kernel_initializer=kernel, bias_initializer=bias, name=name)
+
+
+def _head() -> layers.Dense:
+    """The softmax layer, zero-initialised like the notebook's W_softmax and b_softmax."""
+    return layers.Dense(NUM_CLASSES, activation="softmax", kernel_initializer="zeros", bias_initializer="zeros",
+                        name="head")
+
+
+def build_autoencoder(cfg: PretrainConfig) -> keras.Model:
+    """784 -> cfg.hidden -> mirrored decoder -> 784 with a sigmoid output; layers named enc_i and dec_i."""
+    inputs = keras.Input((INPUT_SIZE,), name="pixels")
+    x = inputs
+    # Encoder
+    for i, units in enumerate(cfg.hidden):
+        x = _dense(units, cfg.activation, cfg.init, f"enc_{i}")(x)
+    # Decoder
+    widths = [*reversed(cfg.hidden[:-1]), INPUT_SIZE]
+    for i, units in enumerate(widths):
+        activation = "sigmoid" if i == len(widths) - 1 else cfg.activation
+        x = _dense(units, activation, cfg.init, f"dec_{i}")(x)
+    return keras.Model(inputs, x, name="autoencoder")
+
+
+def encoder_layers(autoencoder: keras.Model) -> list[layers.Layer]:
+    """The autoencoder's encoder layers in order."""
+    found = [layer for layer in autoencoder.layers if layer.name.startswith("enc_")]
+    if not found:
+        raise ValueError(f"model {autoencoder.name!r} has no enc_* layers")
+    return sorted(found, key=lambda layer: int(layer.name.split("_")[1]))
+
+
+def extract_encoder(autoencoder: keras.Model) -> keras.Model:
+    """A new 784 -> last-hidden model holding copies of the autoencoder's encoder weights."""
+    inputs = keras.Input((INPUT_SIZE,), name="pixels")
+    x = inputs
+    for source in encoder_layers(autoencoder):
+        # Copies, not shared layers: fine-tuning must not alter the loaded autoencoder.
+        layer = layers.Dense.from_config(source.get_config())
+        x = layer(x)
+        layer.set_weights(source.get_weights())
+    return keras.Model(inputs, x, name="encoder")
+
+
+def build_classifier(encoder: keras.Model, freeze: bool) -> keras.Model:
+    """The encoder topped by the zero-initialised softmax head; a frozen encoder runs in inference mode."""
+    inputs = keras.Input((INPUT_SIZE,), name="pixels")
+    if freeze:
+        # keras-io transfer-learning recipe: non-trainable, and called with training=False.
+        encoder.trainable = False
+        features = encoder(inputs, training=False)
+    else:
+        encoder.trainable = True
+        features = encoder(inputs)
+    return keras.Model(inputs, _head()(features), name="classifier")
+
+
+def build_softmax_regression() -> keras.Model:
+    """The notebook's baseline: softmax regression on the raw pixels, zero-initialised."""
+    inputs = keras.Input((INPUT_SIZE,), name="pixels")
+    return keras.Model(inputs, _head()(inputs), name="softmax")
+
+
+def build_ann(hidden: tuple[int, ...], activation: str, init: str) -> keras.Model:
+    """The same classifier shape trained from a random initialisation, without pretraining."""
+    inputs = keras.Input((INPUT_SIZE,), name="pixels")
+    x = inputs
+    for i, units in enumerate(hidden):
+        x = _dense(units, activation, init, f"hidden_{i}")(x)
+    return keras.Model(inputs, _head()(x), name="ann")
+
+
+def compile_model(model: keras.Model, cfg: TrainConfig, loss: str) -> None:
+    """Compile with the configured optimizer, the last-batch loss metric and, for classifiers, accuracy."""
+    metrics: list[keras.metrics.Metric] = [LastBatchLoss(loss)]
+    if loss == CLASSIFICATION_LOSS:
+        metrics.append(keras.metrics.SparseCategoricalAccuracy(name="accuracy"))
+    # XLA suits these dense nets (none holds a random op, which would make XLA slow on CPU); Keras turns it
+    # off under op determinism anyway, so ask for it only when it will be used rather than draw a warning.
+    model.compile(optimizer=make_optimizer(cfg.optimizer, cfg.learning_rate), loss=loss, metrics=metrics,
+                  jit_compile=not op_determinism_enabled())
+
+
+def op_determinism_enabled() -> bool:
+    """Whether tf.config.experimental.enable_op_determinism() is in force (TensorFlow has no public getter)."""
+    if keras.backend.backend() != "tensorflow":
+        return False
+    from tensorflow.python.framework.config import is_op_determinism_enabled
+
+    return bool(is_op_determinism_enabled())
+
+
+class _EpochLog(keras.callbacks.Callback):
+    """Collects one history row per epoch and reports it to the progress callable."""
+
+    def __init__(self, epochs: int, progress: Progress | None, name: str):
+        super().__init__()
+        self.rows: list[dict[str, float | int | None]] = []
+        self._epochs, self._progress, self._name = epochs, progress, name
+        self._started = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        row: dict[str, float | int | None] = {
+            "epoch": epoch + 1,
+            "loss_last_batch": float(logs["last_batch_loss"]),
+            "loss_mean": float(logs["loss"]),
+            "val_loss": _maybe_float(logs.get("val_loss")),
+        }
+        if "accuracy" in logs:
+            row["accuracy"] = float(logs["accuracy"])
+            row["val_accuracy"] = _maybe_float(logs.get("val_accuracy"))
+        row["seconds"] = round(time.perf_counter() - self._started, 3)
+        self.rows.append(row)
+        log.info("%s epoch %d/%d: %s", self._name, epoch + 1, self._epochs,
+                 ", ".join(f"{k} {v:.6g}" for k, v in row.items() if isinstance(v, float) and k != "seconds"))
+        if self._progress is not None:
+            self._progress(epoch + 1, self._epochs, {k: v for k, v in row.items() if isinstance(v, float)})
+
+
+def _maybe_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def fit(model: keras.Model, x: np.ndarray, y: np.ndarray, validation: tuple[np.ndarray, np.ndarray] | None,
+        cfg: TrainConfig, progress: Progress | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Train a compiled model; return its per-epoch history rows and a summary of the run."""
+    callbacks: list[keras.callbacks.Callback] = [_EpochLog(cfg.epochs, progress, model.name)]
+    if cfg.early_stopping_patience is not None:
+        if validation is None:
+            raise ValueError("early stopping needs a validation split (validation_size > 0)")
+        callbacks.append(keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=cfg.early_stopping_patience, restore_best_weights=True))
+    started = time.perf_counter()
+    model.fit(x, y, batch_size=cfg.batch_size, epochs=cfg.epochs, validation_data=validation, shuffle=True,
+              callbacks=callbacks, verbose=0)
+    seconds = time.perf_counter() - started
+    rows = callbacks[0].rows
+    return rows, summarize(rows, seconds, restored=cfg.early_stopping_patience is not None)
+
+
+def summarize(rows: list[dict[str, Any]], seconds: float, restored: bool) -> dict[str, Any]:
+    """The epoch count, the final row's values and, when best weights were restored, the epoch they came from."""
+    if not rows:
+        raise ValueError("training ran no epoch")
+    last = rows[-1]
+    summary: dict[str, Any] = {"epochs_run": len(rows), "seconds": round(seconds, 2)}
+    summary.update({k: v for k, v in last.items() if k not in ("epoch", "seconds")})
+    if restored:
+        # EarlyStopping restores the weights of the lowest val_loss at the end of training.
+        best = min(rows, key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf)
+        summary["best_epoch"] = best["epoch"]
+        summary["best_val_loss"] = best["val_loss"]
+    return summary
+
+
+def write_history(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Write per-epoch history rows as a JSON list."""
+    write_json_atomic(path, rows)
+    return path

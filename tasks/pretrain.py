@@ -1,0 +1,79 @@
+"""Stage 3: train the autoencoder to reconstruct the training images (the notebook's pretraining)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from tasks.config import PretrainConfig
+from tasks.data import load_splits
+from tasks.models import RECONSTRUCTION_LOSS, Progress, build_autoencoder, compile_model, fit, write_history
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "autoencoder.keras"
+HISTORY_FILE = "history.json"
+FIGURE_FILE = "reconstruction.png"
+EXAMPLES_TO_SHOW = 10
+
+
+def run(cfg: PretrainConfig, split: dict[str, int | None], data_dir: Path, out: Path,
+        progress: Progress | None = None) -> dict[str, Any]:
+    """Train the autoencoder on the training split and write its model, history and reconstruction figure.
+
+    `split` is `DataConfig.split()`; the validation split drives early stopping when it is configured.
+    Writes `autoencoder.keras`, `history.json` (one row per epoch; `loss_last_batch` is what the notebook
+    printed) and `reconstruction.png` (ten test digits above their reconstructions) into `out`.
+    """
+    data = load_splits(data_dir, split)
+    validation = (data.x_val, data.x_val) if len(data.x_val) else None
+    model = build_autoencoder(cfg)
+    compile_model(model, cfg, RECONSTRUCTION_LOSS)
+    rows, summary = fit(model, data.x_train, data.x_train, validation, cfg, progress)
+
+    model.save(out / MODEL_FILE)
+    write_history(rows, out / HISTORY_FILE)
+    reconstructed = model.predict(data.x_test, batch_size=1024, verbose=0)
+    shown = slice(0, EXAMPLES_TO_SHOW)
+    save_reconstructions(data.x_test[shown], reconstructed[shown], out / FIGURE_FILE)
+
+    summary.update(
+        train_size=len(data.x_train),
+        val_size=len(data.x_val),
+        test_size=len(data.x_test),
+        reconstruction_mse_shown=_mse(data.x_test[shown], reconstructed[shown]),
+        reconstruction_mse_test=_mse(data.x_test, reconstructed),
+        parameters=model.count_params(),
+    )
+    log.info("pretraining done: %s", summary)
+    return summary
+
+
+def _mse(x: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean(np.square(x.astype(np.float64) - y.astype(np.float64))))
+
+
+def save_reconstructions(images: np.ndarray, reconstructed: np.ndarray, path: Path) -> Path:
+    """Draw originals (top row) above reconstructions (bottom row), as the notebook's 2x10 figure did."""
+    count = len(images)
+    fig = Figure(figsize=(count, 2))
+    FigureCanvasAgg(fig)  # headless: the Agg canvas renders straight to PNG, no pyplot state
+    axes = fig.subplots(2, count, squeeze=False, gridspec_kw=dict(left=0, right=1, bottom=0, top=1,
+                                                                  wspace=0.05, hspace=0.05))
+    for i in range(count):
+        for row, pixels in enumerate((images[i], reconstructed[i])):
+            axes[row][i].imshow(np.reshape(pixels, (28, 28)), cmap="gray", vmin=0.0, vmax=1.0)
+            axes[row][i].set_axis_off()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def load_autoencoder(directory: Path) -> keras.Model:
+    """The trained autoencoder of a pretrain artifact, without its optimizer state."""
+    return keras.saving.load_model(Path(directory) / MODEL_FILE, compile=False, safe_mode=True)

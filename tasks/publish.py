@@ -1,0 +1,126 @@
+"""What a run records after its stages: the promotion decision, the history record and the run's own report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks import history, report
+from tasks.config import PipelineConfig
+from tasks.data import load_splits
+from tasks.evaluate import METRICS_FILE, load_predictions, predict_with
+from tasks.graph import data_fingerprint
+from tasks.models import MODEL_FILES
+from tasks.registry import Decision, Registry, decide
+from tasks.store import ArtifactRef, Store, key_of, verify
+
+log = logging.getLogger(__name__)
+
+CHALLENGER = "pretrained"  # the notebook's model: encoder pretrained as an autoencoder, then fine-tuned
+RUNS_DIR = "runs"
+
+
+def candidate(config: PipelineConfig, refs: dict[str, ArtifactRef]) -> dict[str, Any]:
+    """This run's fine-tuned model as a registry candidate."""
+    metrics = json.loads((Path(refs["evaluate"].path) / METRICS_FILE).read_text())["models"][CHALLENGER]
+    stage, file = MODEL_FILES[CHALLENGER]
+    return {"key": refs[stage].key, "model_path": str(Path(refs[stage].path) / file),
+            "accuracy": metrics["accuracy"], "n": metrics["n"], "data_fingerprint": data_fingerprint(config),
+            "evaluate_key": refs["evaluate"].key}
+
+
+def _champion_correct(store: Store, champion: dict[str, Any], config: PipelineConfig,
+                      refs: dict[str, ArtifactRef]) -> np.ndarray:
+    """The champion's per-example correctness on this run's test set (re-scored when the test set changed)."""
+    evaluated = store.path("evaluate", champion.get("evaluate_key") or "-")
+    if champion["data_fingerprint"] == data_fingerprint(config) and verify(evaluated, evaluated.name) is None:
+        return load_predictions(evaluated).correct(CHALLENGER)
+    log.info("champion %s was scored on other data; scoring it on this run's test set", champion["key"][:12])
+    splits = load_splits(refs["download"].path, config.data.split())
+    probabilities, _ = predict_with(store.root / champion["model_path"], splits.x_test)
+    return probabilities.argmax(axis=1) == splits.y_test
+
+
+def promote(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef], flow_run_id: str | None) -> Decision:
+    """Score this run's model against the champion and promote it when the configured rule says so."""
+    registry = Registry(store.root)
+    challenger = candidate(config, refs)
+    champion = registry.champion()
+    correct = load_predictions(refs["evaluate"].path).correct(CHALLENGER)
+    if champion and champion["key"] == challenger["key"]:
+        acc = float(correct.mean())
+        return Decision(False, f"this run's model {challenger['key'][:12]} is already the champion",
+                        acc, acc, 0, 0, 1.0)
+    champion_correct = None if champion is None else _champion_correct(store, champion, config, refs)
+    # A failed validation stops the flow before training, so a run that gets here has passed it.
+    decision = decide(champion_correct, correct, config.promote, validation_passed="validate" in refs)
+    registry.record_decision(challenger, decision, flow_run_id)
+    return decision
+
+
+def record(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef], decision: Decision | None,
+           flow_run_id: str | None) -> dict[str, Any]:
+    """Append this run to the store's run history."""
+    accuracy = refs["evaluate"].summary.get("accuracy", {}) if "evaluate" in refs else {}
+    return history.append(store.root, {
+        "flow_run_id": flow_run_id,
+        "profile": config.profile,
+        "data_fingerprint": data_fingerprint(config),
+        "config_hash": key_of(config.model_dump(mode="json", by_alias=True, exclude={"store", "data"}))[:16],
+        "stages": {s: {"cached": r.cached, "duration_s": round(r.duration_s, 3)} for s, r in refs.items()},
+        "accuracy": accuracy,
+        "promotion": None if decision is None else {"promote": decision.promote, "reason": decision.reason},
+    })
+
+
+def run_section(refs: dict[str, ArtifactRef], decision: Decision | None, records: list[dict[str, Any]],
+                out: Path, flow_run_id: str | None) -> list[report.Block]:
+    """The report blocks that change with every run: stage outcomes, promotion decision, trend."""
+    stamp = datetime.now(UTC).isoformat(timespec="seconds")
+    blocks: list[report.Block] = [
+        report.Heading("This run"),
+        report.Paragraph(f"Flow run {flow_run_id or '(none)'} at {stamp}."),
+        report.Table(("Stage", "Result", "Seconds", "Key"), tuple(
+            (s, "cached" if r.cached else "computed", f"{r.duration_s:.1f}", r.key[:12]) for s, r in refs.items())),
+    ]
+    if decision is not None:
+        verdict = "promoted to champion" if decision.promote else "not promoted"
+        blocks += [report.Heading("Promotion decision", 3), report.Paragraph(f"This run's model was {verdict}: "
+                                                                             f"{decision.reason}.")]
+    if records:
+        blocks += [report.Heading("Trend over past runs", 3),
+                   report.Paragraph(f"Accuracy of the pretrained model over recent runs is "
+                                    f"{history.trend(records)} ({len(records)} runs recorded).")]
+        history.trend_figure(records, out / "trend.png")
+        blocks += [report.Image("trend.png", "accuracy per run"),
+                   report.table_from_records(history.trend_table(records))]
+    return blocks
+
+
+def run_report(store: Store, refs: dict[str, ArtifactRef], decision: Decision | None,
+               flow_run_id: str | None) -> dict[str, Path]:
+    """Write this run's report (the report stage's, plus the run section) under `<store>/runs/`, atomically."""
+    report_dir = Path(refs["report"].path)
+    name = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{(flow_run_id or uuid.uuid4().hex)[:8]}"
+    staging = store.root / RUNS_DIR / f".{name}.tmp"
+    staging.mkdir(parents=True)
+    blocks = report.load_blocks(report_dir / report.BLOCKS_FILE)
+    blocks += run_section(refs, decision, history.read(store.root), staging, flow_run_id)
+    report.render(blocks, staging, report.REPORT_NAME, assets=report_dir)
+    final = store.root / RUNS_DIR / name
+    os.replace(staging, final)
+    return {"markdown": final / f"{report.REPORT_NAME}.md", "html": final / f"{report.REPORT_NAME}.html",
+            "blocks": final / report.BLOCKS_FILE}
+
+
+def markdown_without_figures(blocks_file: Path) -> str:
+    """The report as Markdown text for a Prefect artifact, which cannot show local image files."""
+    blocks = [b for b in report.load_blocks(blocks_file) if not isinstance(b, report.Image)]
+    return report.to_markdown(blocks)

@@ -1,0 +1,561 @@
+"""The run report: claim table, training curves, reconstructions, confusion matrix, validation and provenance.
+
+The report is a list of blocks (heading, paragraph, bullets, table, image, code) rendered to Markdown and
+to one self-contained HTML file. `blocks.json` keeps the list, so a later step can load it, append a
+section (a promotion decision, a trend over past runs) and `render` both files again.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from tasks.config import STAGES, ReportConfig
+from tasks.evaluate import METRICS_FILE, ordered
+
+log = logging.getLogger(__name__)
+
+BLOCKS_FILE = "blocks.json"
+ACCURACY_FILE = "accuracy.json"
+REPORT_NAME = "report"
+DPI = 100  # small figures keep the self-contained HTML at a few hundred KB
+
+# The notebook's printed pretraining log (part 3: 784-128-64 sigmoid autoencoder, N(0, 1) init, TF1 RMSProp 0.02,
+# batch 256), epochs 1-36, each the loss of the epoch's last mini-batch; copied from the end of the seed notebook.
+NOTEBOOK_PRETRAIN_LOSS: tuple[float, ...] = (
+    0.173456, 0.107189, 0.094686, 0.080522, 0.067303, 0.063146, 0.059718, 0.057705, 0.054638, 0.051806,
+    0.050090, 0.049157, 0.046456, 0.047479, 0.047068, 0.045666, 0.042720, 0.041650, 0.040096, 0.040642,
+    0.040900, 0.040152, 0.040299, 0.039190, 0.036930, 0.036297, 0.034307, 0.033592, 0.033702, 0.031986,
+    0.032740, 0.032521, 0.031337, 0.030314, 0.032664, 0.031706,
+)
+NOTEBOOK_ARCHITECTURE = {"hidden": [128, 64], "activation": "sigmoid", "init": "normal"}
+NOTEBOOK_TRAINING = {"optimizer": "rmsprop_tf1", "learning_rate": 0.02, "batch_size": 256}
+LOSS_TABLE_EPOCHS = 10
+
+MODEL_LABELS = {
+    "softmax": "Softmax regression on pixels",
+    "ann": "ANN, same layers, random init",
+    "pretrained": "Pretrained encoder + softmax, fine-tuned",
+    "probe": "Frozen pretrained encoder + softmax (probe)",
+}
+CLAIM_ORDER = ("pretrained", "ann", "softmax")  # the notebook's claim: each beats the next
+
+
+# --- blocks ---------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Heading:
+    text: str
+    level: int = 2
+
+
+@dataclass(frozen=True)
+class Paragraph:
+    text: str
+
+
+@dataclass(frozen=True)
+class Bullets:
+    items: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Table:
+    header: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+
+
+@dataclass(frozen=True)
+class Image:
+    """A figure file, its path relative to the report's directory."""
+
+    path: str
+    alt: str
+    caption: str = ""
+
+
+@dataclass(frozen=True)
+class Code:
+    text: str
+    language: str = ""
+
+
+Block = Heading | Paragraph | Bullets | Table | Image | Code
+_KINDS: dict[str, type] = {"heading": Heading, "paragraph": Paragraph, "bullets": Bullets, "table": Table,
+                           "image": Image, "code": Code}
+_KIND_OF = {cls: kind for kind, cls in _KINDS.items()}
+
+
+def table_from_records(records: list[dict[str, Any]]) -> Table:
+    """A table whose columns are the records' keys in first-seen order."""
+    header = list(dict.fromkeys(k for r in records for k in r))
+    return Table(tuple(header), tuple(tuple(_cell(r.get(k)) for k in header) for r in records))
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def save_blocks(blocks: list[Block], path: Path) -> Path:
+    """Write the blocks as a JSON list of {"kind": ..., fields...}."""
+    path.write_text(json.dumps([{"kind": _KIND_OF[type(b)], **asdict(b)} for b in blocks], indent=1))
+    return path
+
+
+def load_blocks(path: Path) -> list[Block]:
+    """Read blocks written by `save_blocks`."""
+    blocks: list[Block] = []
+    for raw in json.loads(Path(path).read_text()):
+        cls = _KINDS.get(raw.get("kind", ""))
+        if cls is None:
+            raise ValueError(f"{path}: unknown block kind {raw.get('kind')!r}")
+        values = {f.name: raw[f.name] for f in fields(cls) if f.name in raw}
+        if cls is Bullets:
+            values["items"] = tuple(values["items"])
+        if cls is Table:
+            values["header"] = tuple(values["header"])
+            values["rows"] = tuple(tuple(row) for row in values["rows"])
+        blocks.append(cls(**values))
+    return blocks
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(blocks: list[Block]) -> str:
+    """GitHub-flavoured Markdown; images stay links to the files next to it."""
+    parts = []
+    for b in blocks:
+        if isinstance(b, Heading):
+            parts.append(f"{'#' * b.level} {b.text}")
+        elif isinstance(b, Paragraph):
+            parts.append(b.text)
+        elif isinstance(b, Bullets):
+            parts.append("\n".join(f"- {item}" for item in b.items))
+        elif isinstance(b, Table):
+            lines = ["| " + " | ".join(_md_cell(h) for h in b.header) + " |",
+                     "|" + "---|" * len(b.header)]
+            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b.rows]
+            parts.append("\n".join(lines))
+        elif isinstance(b, Image):
+            parts.append(f"![{b.alt}]({b.path})" + (f"\n\n*{b.caption}*" if b.caption else ""))
+        elif isinstance(b, Code):
+            parts.append(f"```{b.language}\n{b.text}\n```")
+    return "\n\n".join(parts) + "\n"
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}
+table{border-collapse:collapse;margin:1rem 0}th,td{border:1px solid #ccc;padding:.25rem .6rem;text-align:left}
+th{background:#f3f3f3}img{max-width:100%}figure{margin:1rem 0}figcaption{color:#555;font-size:.9em}
+pre{background:#f6f6f6;padding:.75rem;overflow-x:auto;font-size:.85em}"""
+_MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml"}
+
+
+def _data_uri(path: Path) -> str:
+    mime = _MIME.get(path.suffix.lower())
+    if mime is None:
+        raise ValueError(f"{path.name}: unsupported image type")
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+
+
+def to_html(blocks: list[Block], assets: Path, title: str) -> str:
+    """One self-contained HTML page: images (resolved against `assets`) inlined as data URIs."""
+    e = html.escape
+    parts = []
+    for b in blocks:
+        if isinstance(b, Heading):
+            level = min(max(b.level, 1), 6)
+            parts.append(f"<h{level}>{e(b.text)}</h{level}>")
+        elif isinstance(b, Paragraph):
+            parts.append(f"<p>{e(b.text)}</p>")
+        elif isinstance(b, Bullets):
+            parts.append("<ul>" + "".join(f"<li>{e(item)}</li>" for item in b.items) + "</ul>")
+        elif isinstance(b, Table):
+            head = "".join(f"<th>{e(h)}</th>" for h in b.header)
+            body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in b.rows)
+            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        elif isinstance(b, Image):
+            caption = f"<figcaption>{e(b.caption)}</figcaption>" if b.caption else ""
+            parts.append(f'<figure><img src="{_data_uri(assets / b.path)}" alt="{e(b.alt)}">{caption}</figure>')
+        elif isinstance(b, Code):
+            parts.append(f"<pre><code>{e(b.text)}</code></pre>")
+    body = "\n".join(parts)
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{e(title)}</title>\n'
+            f"<style>{_CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n")
+
+
+def render(blocks: list[Block], out_dir: Path, name: str = REPORT_NAME, assets: Path | None = None) -> dict[str, Path]:
+    """Write `<name>.md`, `<name>.html` and `blocks.json` into `out_dir`.
+
+    Image paths are relative to `out_dir`; an image not there yet is copied from `assets` (an earlier
+    report's directory), so a report loaded from one directory can be extended and re-rendered into another.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for b in blocks:
+        target = out_dir / b.path if isinstance(b, Image) else None
+        if target is not None and not target.exists() and assets is not None:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(assets / target.relative_to(out_dir), target)
+    title = next((b.text for b in blocks if isinstance(b, Heading) and b.level == 1), name)
+    md, page = out_dir / f"{name}.md", out_dir / f"{name}.html"
+    md.write_text(to_markdown(blocks), encoding="utf-8")
+    page.write_text(to_html(blocks, out_dir, title), encoding="utf-8")
+    save_blocks(blocks, out_dir / BLOCKS_FILE)
+    return {"markdown": md, "html": page, "blocks": out_dir / BLOCKS_FILE}
+
+
+# --- figures (the object-oriented matplotlib API renders PNG with Agg and leaves pyplot's global state alone) -------
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.savefig(path, dpi=DPI, metadata={"Software": None})  # no version string: same data, same bytes
+    return path
+
+
+def _series(rows: list[dict[str, Any]], *keys: str) -> tuple[list[int], list[float]]:
+    """Epochs and values of the first key present in each row, skipping rows where it is missing or None."""
+    points = []
+    for r in rows:
+        value = next((r[k] for k in keys if r.get(k) is not None), None)
+        if value is not None and r.get("epoch") is not None:
+            points.append((int(r["epoch"]), float(value)))
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_pretrain_loss(history: list[dict[str, Any]], path: Path) -> Path:
+    """This run's pretraining losses per epoch beside the notebook's printed log, log-scaled."""
+    fig = Figure(figsize=(6.4, 3.6), layout="constrained")
+    ax = fig.add_subplot()
+    for key, label, style in (("loss_last_batch", "this run, last mini-batch", "-"),
+                              ("loss_mean", "this run, epoch mean", ":"), ("val_loss", "this run, validation", "--")):
+        epochs, values = _series(history, key)
+        if values:
+            ax.plot(epochs, values, style, label=label)
+    nb_epochs = range(1, len(NOTEBOOK_PRETRAIN_LOSS) + 1)
+    ax.plot(nb_epochs, NOTEBOOK_PRETRAIN_LOSS, "k.", markersize=4, label="notebook (784-128-64), last mini-batch")
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("reconstruction MSE")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_training(histories: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+    """Loss and accuracy per epoch of each classifier; training solid, validation dashed."""
+    fig = Figure(figsize=(8, 3.4), layout="constrained")
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    for i, (name, rows) in enumerate(histories.items()):
+        color = f"C{i}"
+        for ax, train_keys, val_key in ((loss_ax, ("loss", "loss_mean"), "val_loss"),
+                                        (acc_ax, ("accuracy",), "val_accuracy")):
+            epochs, values = _series(rows, *train_keys)
+            if values:
+                ax.plot(epochs, values, "-", color=color, label=f"{name} train")
+            epochs, values = _series(rows, val_key)
+            if values:
+                ax.plot(epochs, values, "--", color=color, label=f"{name} validation")
+    for ax, label in ((loss_ax, "cross-entropy"), (acc_ax, "accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    acc_ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_confusion(matrix: list[list[int]], title: str, path: Path) -> Path:
+    """The confusion matrix as a heat map with counts; rows are true classes."""
+    fig = Figure(figsize=(5, 4.4), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(matrix, cmap="Blues")
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    k = len(matrix)
+    top = max((max(row) for row in matrix), default=0)
+    for t in range(k):
+        for p in range(k):
+            color = "white" if matrix[t][p] > top / 2 else "black"
+            ax.text(p, t, str(matrix[t][p]), ha="center", va="center", fontsize=7, color=color)
+    ax.set_xticks(range(k))
+    ax.set_yticks(range(k))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize="medium")
+    return _save(fig, path)
+
+
+# --- reading upstream artifacts -------------------------------------------------------------------------------------
+
+def _read_json(path: Path) -> Any:
+    """The parsed file, or None when it does not exist."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f} %"
+
+
+# --- sections -------------------------------------------------------------------------------------------------------
+
+def claim_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per evaluated model: name, accuracy and its confidence interval."""
+    models = metrics.get("models", {})
+    return [{"model": n, "accuracy": models[n]["accuracy"], "ci_low": models[n]["ci_low"],
+             "ci_high": models[n]["ci_high"]} for n in metrics.get("order") or ordered(models)]
+
+
+def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a["ci_low"] <= b["ci_high"] and b["ci_low"] <= a["ci_high"]
+
+
+def judge_claim(rows: list[dict[str, Any]], level: str) -> tuple[bool | None, str]:
+    """Whether pretrained > ANN > softmax held on test accuracy, and a plain sentence saying so."""
+    by_name = {r["model"]: r for r in rows}
+    missing = [n for n in CLAIM_ORDER if n not in by_name]
+    if missing:
+        return None, f"The claim cannot be judged in this run: no test accuracy for {', '.join(missing)}."
+    p, a, s = (by_name[n] for n in CLAIM_ORDER)
+    held = p["accuracy"] > a["accuracy"] > s["accuracy"]
+    ranking = " > ".join(f"{r['model']} ({_pct(r['accuracy'])})"
+                         for r in sorted((p, a, s), key=lambda r: -r["accuracy"]))
+    verdict = (f"The claim held in this run: {ranking}." if held else
+               f"The claim did not hold in this run: {ranking}.")
+    overlapping = [f"{x['model']} and {y['model']}" for x, y in ((p, a), (a, s)) if _overlap(x, y)]
+    if overlapping:
+        ci = (f" The {level} confidence intervals of {' and of '.join(overlapping)} overlap, so this test set "
+              "alone does not separate them.")
+    else:
+        ci = (f" The {level} confidence intervals of neighbouring models (pretrained and ann, ann and softmax) "
+              "do not overlap.")
+    return held, verdict + ci
+
+
+def claim_section(metrics: dict[str, Any]) -> tuple[list[Block], list[dict[str, Any]], bool | None]:
+    """The claim table and its verdict."""
+    level = f"{round(100 * metrics.get('confidence', 0.95))} %"
+    rows = claim_rows(metrics)
+    held, verdict = judge_claim(rows, level)
+    n = metrics.get("n_test")
+    table = Table(("Model", "Description", "Test accuracy", f"{level} CI"), tuple(
+        (r["model"], MODEL_LABELS.get(r["model"], ""), _pct(r["accuracy"]),
+         f"[{_pct(r['ci_low'])}, {_pct(r['ci_high'])}]") for r in rows))
+    method = "Wilson score" if metrics.get("ci_method") == "wilson" else str(metrics.get("ci_method", "unknown"))
+    blocks: list[Block] = [
+        Heading("Claim: pretraining improves accuracy"),
+        Paragraph("The notebook claims that a classifier built on the pretrained autoencoder beats both an ANN "
+                  "of the same shape trained from random weights and a softmax regression on raw pixels."),
+        table,
+        Paragraph(verdict),
+        Paragraph(f"Accuracy on {n} test images; {method} intervals. Non-overlapping intervals are a conservative "
+                  "sign of a difference; a paired test on the same images (predictions.npz of the evaluate "
+                  "stage) is sharper."),
+    ]
+    return blocks, rows, held
+
+
+def notebook_comparable(pretrain_cfg: dict[str, Any] | None) -> bool:
+    """Whether the run pretrained the notebook's part-3 network (784-128-64, sigmoid, N(0, 1) init)."""
+    if not pretrain_cfg or pretrain_cfg.get("hidden") is None:
+        return False
+    return (list(pretrain_cfg["hidden"]) == NOTEBOOK_ARCHITECTURE["hidden"]
+            and all(pretrain_cfg.get(k) == NOTEBOOK_ARCHITECTURE[k] for k in ("activation", "init")))
+
+
+def loss_difference(history: list[dict[str, Any]]) -> tuple[float | None, int]:
+    """Mean relative difference |run - notebook| / notebook of the last-mini-batch loss, and the epochs compared."""
+    epochs, values = _series(history, "loss_last_batch")
+    pairs = [(v, NOTEBOOK_PRETRAIN_LOSS[e - 1]) for e, v in zip(epochs, values, strict=True)
+             if 1 <= e <= len(NOTEBOOK_PRETRAIN_LOSS)]
+    if not pairs:
+        return None, 0
+    return sum(abs(v - nb) / nb for v, nb in pairs) / len(pairs), len(pairs)
+
+
+def pretrain_section(pretrain_dir: Path, pretrain_cfg: dict[str, Any] | None,
+                     out: Path) -> tuple[list[Block], float | None]:
+    """Loss curve against the notebook's log, the side-by-side table, and the reconstruction figure."""
+    blocks: list[Block] = [Heading("Pretraining")]
+    history = _read_json(pretrain_dir / "history.json") or []
+    comparable = notebook_comparable(pretrain_cfg)
+    difference = None
+    if history:
+        last = history[-1]
+        facts = [f"{len(history)} epochs"]
+        for key, label in (("loss_last_batch", "last mini-batch loss"), ("loss_mean", "epoch-mean loss"),
+                           ("val_loss", "validation loss")):
+            if last.get(key) is not None:
+                facts.append(f"final {label} {last[key]:.6f}")
+        blocks.append(Paragraph("This run: " + ", ".join(facts) + "."))
+        blocks.append(Image(plot_pretrain_loss(history, out / "pretrain_loss.png").name, "Pretraining loss per epoch",
+                            "Reconstruction loss per epoch (log scale); dots: the notebook's printed log."))
+        difference, compared = loss_difference(history)
+        blocks.append(_notebook_paragraph(pretrain_cfg, comparable, difference, compared))
+        if comparable and difference is not None:
+            blocks.append(_loss_table(history))
+    else:
+        blocks.append(Paragraph("The pretraining history is missing."))
+    figure = pretrain_dir / "reconstruction.png"
+    if figure.is_file():
+        shutil.copyfile(figure, out / figure.name)
+        blocks.append(Image(figure.name, "Test digits and their reconstructions",
+                            "Top row: test digits; bottom row: the autoencoder's reconstructions."))
+    else:
+        blocks.append(Paragraph("The reconstruction figure is missing."))
+    return blocks, difference if comparable else None
+
+
+def _notebook_paragraph(cfg: dict[str, Any] | None, comparable: bool, difference: float | None,
+                        compared: int) -> Paragraph:
+    if not comparable:
+        shape = f"784-{'-'.join(map(str, cfg['hidden']))}" if cfg and cfg.get("hidden") else "an unknown shape"
+        return Paragraph(f"This run pretrained {shape} ({(cfg or {}).get('activation', '?')}, "
+                         f"{(cfg or {}).get('init', '?')} init), not the notebook's 784-128-64 sigmoid network "
+                         "with N(0, 1) init, so its losses are not compared with the notebook's; the notebook's "
+                         "log is drawn for orientation only.")
+    if difference is None:
+        return Paragraph("The history has no last-mini-batch loss to compare with the notebook's log.")
+    text = (f"Same network as the notebook's part 3: the last-mini-batch loss differs from the notebook's "
+            f"printed value by {100 * difference:.1f} % on average (mean relative difference over the "
+            f"{compared} epochs both logs cover).")
+    changed = [f"{k} {cfg.get(k)!r}" for k, v in NOTEBOOK_TRAINING.items() if cfg and cfg.get(k) != v]
+    if changed:
+        text += (f" This run trained with {', '.join(changed)} where the notebook used TF1 RMSProp, learning "
+                 "rate 0.02 and batch 256, so the curves need not agree.")
+    return Paragraph(text)
+
+
+def _loss_table(history: list[dict[str, Any]]) -> Table:
+    epochs, values = _series(history, "loss_last_batch")
+    rows = []
+    for e, v in zip(epochs, values, strict=True):
+        if e <= min(LOSS_TABLE_EPOCHS, len(NOTEBOOK_PRETRAIN_LOSS)):
+            nb = NOTEBOOK_PRETRAIN_LOSS[e - 1]
+            rows.append((str(e), f"{nb:.6f}", f"{v:.6f}", f"{100 * (v - nb) / nb:+.1f} %"))
+    return Table(("Epoch", "Notebook", "This run", "Difference"), tuple(rows))
+
+
+def training_section(title: str, text: str, histories: dict[str, list[dict[str, Any]] | None],
+                     out: Path, file: str) -> list[Block]:
+    """Loss and accuracy curves of one training stage, with each model's final validation accuracy."""
+    present = {n: h for n, h in histories.items() if h}
+    if not present:
+        return [Heading(title), Paragraph("The training history is missing.")]
+    finals = []
+    for name, rows in present.items():
+        last = rows[-1]
+        acc = last.get("val_accuracy") if last.get("val_accuracy") is not None else last.get("accuracy")
+        which = "validation" if last.get("val_accuracy") is not None else "training"
+        if acc is not None:
+            finals.append(f"{name}: {len(rows)} epochs, final {which} accuracy {_pct(acc)}")
+    blocks: list[Block] = [Heading(title), Paragraph(text)]
+    if finals:
+        blocks.append(Bullets(tuple(finals)))
+    figure = plot_training(present, out / file)
+    return blocks + [Image(figure.name, f"{title}: loss and accuracy per epoch", "Training solid, validation dashed.")]
+
+
+def confusion_section(metrics: dict[str, Any], out: Path) -> list[Block]:
+    """The best model's confusion matrix and per-class scores."""
+    best = metrics.get("best_model")
+    model = metrics.get("models", {}).get(best)
+    if model is None:
+        return []
+    fmt = _pct_or_blank
+    rows = tuple((str(c["class"]), fmt(c["precision"]), fmt(c["recall"]), fmt(c["f1"]), str(c["support"]))
+                 for c in model["per_class"])
+    return [
+        Heading(f"Best model: {best}"),
+        Image(plot_confusion(model["confusion"], f"{best}: test confusion matrix", out / "confusion.png").name,
+              f"Confusion matrix of {best}", "Rows: true digit; columns: predicted digit."),
+        Table(("Digit", "Precision", "Recall", "F1", "Support"), rows),
+    ]
+
+
+def _pct_or_blank(x: float | None) -> str:
+    return "n/a" if x is None else _pct(x)
+
+
+def validation_section(validate_dir: Path) -> list[Block]:
+    """The validation stage's own summary paragraph."""
+    manifest = _read_json(validate_dir / "manifest.json") or {}
+    paragraph = (manifest.get("summary") or {}).get("paragraph")
+    return [Heading("Data validation"), Paragraph(paragraph or "The validation stage left no summary paragraph.")]
+
+
+def metadata_section(run_info: dict[str, Any]) -> list[Block]:
+    """Provenance: config, data fingerprint and, per stage, key, cache hit, duration and code version."""
+    config = run_info.get("config") or {}
+    facts = [f"Data fingerprint: {run_info.get('data_fingerprint') or 'unknown'}"]
+    if config.get("profile"):
+        facts.append(f"Profile: {config['profile']}")
+    if config.get("seed") is not None:
+        facts.append(f"Seed: {config['seed']}")
+    stages = run_info.get("stages") or {}
+    names = [s for s in STAGES if s in stages] + sorted(set(stages) - set(STAGES))
+    rows = tuple((s, str(stages[s].get("key", ""))[:12], "cached" if stages[s].get("cached") else "computed",
+                  f"{stages[s].get('duration_s') or 0.0:.1f} s", str(stages[s].get("code_version", "")))
+                 for s in names)
+    blocks: list[Block] = [Heading("Run metadata"), Bullets(tuple(facts))]
+    if rows:
+        # The report is itself a cached artifact: these are the upstream outcomes of the run that built it.
+        blocks.append(Paragraph("Stage outcomes as of the run that built this report:"))
+        blocks.append(Table(("Stage", "Key", "Result", "Duration", "Code version"), rows))
+    blocks.append(Code(json.dumps(config, indent=2, sort_keys=True), "json"))
+    return blocks
+
+
+def run(cfg: ReportConfig, inputs: dict[str, Path], run_info: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Write `report.md`, `report.html`, `blocks.json`, `accuracy.json` and the figures into `out`.
+
+    `inputs` maps a stage name (validate, pretrain, finetune, baselines, evaluate) to its artifact directory;
+    sections of absent stages are left out. `run_info` is, with every key optional:
+    {"config": PipelineConfig as JSON (by alias), "data_fingerprint": str,
+     "stages": {stage: {"key": str, "cached": bool, "duration_s": float, "code_version": str}}}.
+    Returns the claim table rows (model, accuracy, ci_low, ci_high), "claim_held" (None when the run has no
+    evaluation), the best model and the mean relative difference to the notebook's pretraining log.
+    """
+    inputs = {stage: Path(path) for stage, path in inputs.items()}
+    config = run_info.get("config") or {}
+    blocks: list[Block] = [Heading(cfg.title, 1)]
+    rows: list[dict[str, Any]] = []
+    held: bool | None = None
+    metrics = _read_json(inputs["evaluate"] / METRICS_FILE) if "evaluate" in inputs else None
+    if metrics:
+        claim, rows, held = claim_section(metrics)
+        blocks += claim
+    difference = None
+    if "pretrain" in inputs:
+        section, difference = pretrain_section(inputs["pretrain"], config.get("pretrain"), out)
+        blocks += section
+    if "finetune" in inputs:
+        blocks += training_section(
+            "Fine-tuning", "The encoder with a softmax head, trained on the labels.",
+            {"fine-tuned": _read_json(inputs["finetune"] / "history.json"),
+             "probe": _read_json(inputs["finetune"] / "probe_history.json")}, out, "finetune_curves.png")
+    if "baselines" in inputs:
+        blocks += training_section(
+            "Baselines", "The same classifiers without pretraining.",
+            {"softmax": _read_json(inputs["baselines"] / "softmax_history.json"),
+             "ann": _read_json(inputs["baselines"] / "ann_history.json")}, out, "baselines_curves.png")
+    if metrics:
+        blocks += confusion_section(metrics, out)
+    if "validate" in inputs:
+        blocks += validation_section(inputs["validate"])
+    blocks += metadata_section(run_info)
+    render(blocks, out, REPORT_NAME)
+    accuracy = {"rows": rows, "claim_held": held, "confidence": (metrics or {}).get("confidence")}
+    (out / ACCURACY_FILE).write_text(json.dumps(accuracy, indent=2))
+    log.info("report written with %d blocks; claim held: %s", len(blocks), held)
+    return {"rows": rows, "claim_held": held, "best_model": (metrics or {}).get("best_model"),
+            "pretrain_mean_rel_diff": difference, "sections": [b.text for b in blocks if isinstance(b, Heading)]}

@@ -1,0 +1,167 @@
+"""The whole flow on the `quick` profile, through a real (temporary) Prefect API and real MNIST."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.cli import main as cli
+from flows.pipeline import ACCURACY_ARTIFACT, REPORT_ARTIFACT, MissingUpstream, pipeline
+from tasks import history
+from tasks.registry import Registry
+
+ALL = ["download", "validate", "pretrain", "finetune", "baselines", "evaluate", "report"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_api():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("pipeline") / "store"
+
+
+@pytest.fixture(autouse=True)
+def _mirror(monkeypatch, mnist_mirror):
+    monkeypatch.setenv("MNIST_MIRROR", str(mnist_mirror))
+
+
+def run(store: Path, **params) -> dict:
+    return pipeline(profile="quick", store=str(store), **params)
+
+
+def task_states(flow_run_id: str) -> dict[str, str]:
+    """Stage name -> Prefect state name of each task run of a flow run."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name.split("-")[0]: r.state.name for r in runs if r.state}
+
+
+@pytest.fixture(scope="module")
+def first(store) -> dict:
+    return run(store)
+
+
+def test_first_run_computes_every_stage_and_writes_the_report(first, store):
+    assert list(first["stages"]) == ALL
+    assert not any(s["cached"] for s in first["stages"].values())
+    assert set(task_states(first["flow_run_id"]).values()) == {"Completed"}
+    report_dir = Path(first["stages"]["report"]["path"])
+    markdown = (report_dir / "report.md").read_text()
+    for model in ("Softmax", "ANN", "fine-tuned"):
+        assert model in markdown
+    rows = first["stages"]["report"]["summary"]["rows"]
+    assert {r["model"] for r in rows} >= {"softmax", "ann", "pretrained"}
+    assert all(0 < r["accuracy"] <= 1 for r in rows)
+    assert "claim" in markdown.lower()
+    html = Path(first["report"]).read_text()
+    assert "data:image/png;base64," in html and "Promotion decision" in html and "Trend over past runs" in html
+
+
+def test_prefect_artifacts_are_published(first):
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[REPORT_ARTIFACT, ACCURACY_ARTIFACT])))
+    mine = {a.key: a for a in found if str(a.flow_run_id) == first["flow_run_id"]}
+    assert set(mine) == {REPORT_ARTIFACT, ACCURACY_ARTIFACT}
+    assert "pretrained" in json.dumps(mine[ACCURACY_ARTIFACT].data)
+    assert "Claim" in mine[REPORT_ARTIFACT].data or "claim" in mine[REPORT_ARTIFACT].data
+
+
+def test_first_model_becomes_champion_and_run_is_recorded(first, store):
+    champion = Registry(store).champion()
+    assert champion is not None and champion["key"] == first["stages"]["finetune"]["key"]
+    records = history.read(store)
+    assert records[0]["flow_run_id"] == first["flow_run_id"]
+    assert set(records[0]["stages"]) == set(ALL)
+
+
+def test_second_run_is_all_cached(first, store):
+    second = run(store)
+    states = task_states(second["flow_run_id"])
+    assert {s: states[s] for s in ALL} == {s: "Cached" for s in ALL}
+    assert all(s["cached"] for s in second["stages"].values())
+    assert {s: r["key"] for s, r in second["stages"].items()} == {s: r["key"] for s, r in first["stages"].items()}
+
+
+def test_changing_a_finetune_setting_reruns_only_what_follows(first, store):
+    changed = run(store, overrides={"finetune.learning_rate": 0.002})
+    states = task_states(changed["flow_run_id"])
+    recomputed = {s for s in ALL if states[s] != "Cached"}
+    assert recomputed == {"finetune", "evaluate", "report"}
+
+
+def test_forced_rerun_of_one_stage_reproduces_its_metrics(first, store):
+    forced = run(store, stages=["finetune", "evaluate"], force=["finetune", "evaluate"])
+    assert set(forced["stages"]) >= {"finetune", "evaluate"}
+    states = task_states(forced["flow_run_id"])
+    assert states["finetune"] == "Completed" and states["evaluate"] == "Completed"
+    assert "pretrain" not in states and "report" not in states
+    assert not forced["stages"]["finetune"]["cached"]
+    before = first["stages"]["evaluate"]["summary"]["accuracy"]
+    assert forced["stages"]["evaluate"]["summary"]["accuracy"] == before
+    history_file = Path(forced["stages"]["finetune"]["path"]) / "history.json"
+    assert json.loads(history_file.read_text()) == json.loads(history_file.read_text())
+
+
+def test_only_with_a_missing_upstream_names_it(tmp_path):
+    with pytest.raises(MissingUpstream) as info:
+        run(tmp_path / "empty", stages=["finetune"])
+    assert "download (never computed); pretrain (never computed)" in str(info.value)
+    assert "--only download,pretrain" in str(info.value)
+
+
+def test_failed_validation_stops_before_training(tmp_path):
+    store = tmp_path / "s"
+    with pytest.raises(Exception, match="class") as info:
+        run(store, overrides={"validate.min_class_share": 0.2, "validate.max_class_share": 0.5})
+    assert "data_docs" in str(info.value) or "data_docs" in "".join(getattr(info.value, "__notes__", []))
+    assert not (store / "pretrain").exists() and not (store / "validate").exists()
+    assert Registry(store).champion() is None
+
+
+def test_status_explains_misses(first, store, capsys):
+    assert cli(["status", "--profile", "quick", "--store", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("not cached") == 0 and out.count(" cached") == len(ALL)
+    cli(["status", "--profile", "quick", "--store", str(store), "--set", "finetune.learning_rate=0.3"])
+    out = capsys.readouterr().out
+    assert "finetune" in out and "config changed: finetune.learning_rate 0.001 -> 0.3" in out
+    assert "upstream changed: finetune" in out
+
+
+def test_bad_config_fails_before_any_work(tmp_path, capsys):
+    assert cli(["run", "--profile", "quick", "--store", str(tmp_path / "s"), "--set", "finetune.epochs=-2"]) == 2
+    assert "finetune.epochs" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_two_concurrent_runs_on_one_store_both_finish(tmp_path, mnist_mirror):
+    """Two separate processes, as two users or a schedule and a person would start them."""
+    store = tmp_path / "shared-store"
+    env = {**os.environ, "MNIST_MIRROR": str(mnist_mirror), "MNIST_AE_OFFLINE": "1",
+           "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("PREFECT_API_URL", None)
+    cmd = [sys.executable, "-m", "flows.cli", "run", "--profile", "quick", "--store", str(store),
+           "--only", "download,validate,pretrain"]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    for stage in ("download", "validate", "pretrain"):
+        artifacts = list((store / stage).iterdir())
+        assert len(artifacts) == 1
+        from tasks.store import verify
+
+        assert verify(artifacts[0], artifacts[0].name) is None

@@ -1,0 +1,198 @@
+"""The three training stages on a few thousand real MNIST images, under op determinism as the pipeline runs them."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tasks import baselines, finetune, pretrain
+from tasks.config import load_config
+from tasks.data import Dataset, load_splits, save_dataset
+
+SPLIT = {"validation_size": 500, "train_size": 3000, "test_size": 1000}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _deterministic():
+    # Process-wide and irreversible in TensorFlow; the pipeline enables it before every stage too.
+    tf.config.experimental.enable_op_determinism()
+
+
+def _read_idx(path: Path, count: int) -> np.ndarray:
+    """The first `count` records of a gzipped IDX file, parsed independently of the download stage."""
+    with gzip.open(path, "rb") as fh:
+        raw = fh.read()
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)[:count]
+
+
+def _mnist(mirror: Path, train: int, test: int) -> Dataset:
+    return Dataset(
+        x_train=_read_idx(mirror / "train-images-idx3-ubyte.gz", train),
+        y_train=_read_idx(mirror / "train-labels-idx1-ubyte.gz", train),
+        x_test=_read_idx(mirror / "t10k-images-idx3-ubyte.gz", test),
+        y_test=_read_idx(mirror / "t10k-labels-idx1-ubyte.gz", test),
+    )
+
+
+@pytest.fixture(scope="module")
+def data_dir(mnist_mirror, tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("data")
+    save_dataset(_mnist(mnist_mirror, 3500, 1000), directory)
+    return directory
+
+
+def _seed_cfg(overrides: dict):
+    return load_config("seed", overrides)
+
+
+def _pretrain(data_dir: Path, out: Path, epochs: int, progress=None) -> dict:
+    out.mkdir(parents=True)
+    keras.utils.set_random_seed(0)
+    return pretrain.run(_seed_cfg({"pretrain.epochs": epochs}).pretrain, SPLIT, data_dir, out, progress)
+
+
+@pytest.fixture(scope="module")
+def pretrained(data_dir, tmp_path_factory) -> tuple[Path, dict, list]:
+    seen: list = []
+    out = tmp_path_factory.mktemp("pretrain") / "out"
+    summary = _pretrain(data_dir, out, 2, lambda e, n, logs: seen.append((e, n, logs)))
+    return out, summary, seen
+
+
+def _encoder_weights(model: keras.Model) -> list[np.ndarray]:
+    source = model.get_layer("encoder") if "encoder" in [layer.name for layer in model.layers] else model
+    return [w for name in ("enc_0", "enc_1") for w in source.get_layer(name).get_weights()]
+
+
+def test_pretrain_writes_model_history_and_figure(pretrained, data_dir):
+    out, summary, seen = pretrained
+    assert {p.name for p in out.iterdir()} == {"autoencoder.keras", "history.json", "reconstruction.png"}
+    history = json.loads((out / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert history[1]["loss_last_batch"] < history[0]["loss_mean"]
+    assert [(e, n) for e, n, _ in seen] == [(1, 2), (2, 2)] and seen[1][2]["loss_last_batch"] > 0
+    assert summary["epochs_run"] == 2 and (summary["train_size"], summary["val_size"]) == (3000, 500)
+
+    model = keras.saving.load_model(out / "autoencoder.keras", safe_mode=True)
+    test = load_splits(data_dir, SPLIT).x_test
+    recon = model.predict(test, verbose=0)
+    assert summary["reconstruction_mse_test"] == pytest.approx(float(np.mean((recon - test) ** 2)), rel=1e-4)
+    assert summary["reconstruction_mse_shown"] == pytest.approx(float(np.mean((recon[:10] - test[:10]) ** 2)), 1e-4)
+
+    png = (out / "reconstruction.png").read_bytes()
+    assert png[:8] == PNG_MAGIC
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert (width, height) == (1000, 200)
+
+
+def test_finetuned_model_starts_from_the_pretrained_encoder(pretrained):
+    from tasks.models import build_classifier, extract_encoder
+
+    autoencoder = pretrain.load_autoencoder(pretrained[0])
+    model = build_classifier(extract_encoder(autoencoder), freeze=False)
+    for got, want in zip(_encoder_weights(model), _encoder_weights(autoencoder), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def _finetune(data_dir: Path, pretrain_dir: Path, out: Path, **overrides) -> dict:
+    out.mkdir(parents=True)
+    keras.utils.set_random_seed(0)
+    cfg = _seed_cfg({"finetune.epochs": 1, **{f"finetune.{k}": v for k, v in overrides.items()}}).finetune
+    return finetune.run(cfg, SPLIT, data_dir, pretrain_dir, out)
+
+
+def test_finetune_trains_the_encoder_and_a_frozen_probe(pretrained, data_dir, tmp_path):
+    summary = _finetune(data_dir, pretrained[0], tmp_path / "ft", linear_probe=True)
+    files = {p.name for p in (tmp_path / "ft").iterdir()}
+    assert files == {"finetuned.keras", "history.json", "probe.keras", "probe_history.json"}
+    assert summary["epochs_run"] == 1 and summary["probe"]["epochs_run"] == 1
+    assert summary["val_accuracy"] > 0.5  # one epoch of SGD from a pretrained encoder on 3,000 images
+
+    pretrained_weights = _encoder_weights(pretrain.load_autoencoder(pretrained[0]))
+    tuned = keras.saving.load_model(tmp_path / "ft" / "finetuned.keras", safe_mode=True)
+    probe = keras.saving.load_model(tmp_path / "ft" / "probe.keras", safe_mode=True)
+    assert any(not np.array_equal(a, b) for a, b in zip(_encoder_weights(tuned), pretrained_weights, strict=True))
+    for got, want in zip(_encoder_weights(probe), pretrained_weights, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert np.any(probe.get_layer("head").kernel.numpy() != 0)
+
+
+def test_frozen_finetuning_moves_only_the_head(pretrained, data_dir, tmp_path):
+    summary = _finetune(data_dir, pretrained[0], tmp_path / "ft", freeze_encoder=True)
+    assert summary["freeze_encoder"] and "probe" not in summary
+    tuned = keras.saving.load_model(tmp_path / "ft" / "finetuned.keras", safe_mode=True)
+    pretrained_weights = _encoder_weights(pretrain.load_autoencoder(pretrained[0]))
+    for got, want in zip(_encoder_weights(tuned), pretrained_weights, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert all(np.any(w != 0) for w in tuned.get_layer("head").get_weights())
+
+
+def test_finetune_without_a_pretrained_model_fails(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="autoencoder.keras"):
+        _finetune(data_dir, tmp_path / "missing", tmp_path / "ft")
+
+
+def test_baselines_write_both_models(data_dir, tmp_path):
+    seen: list = []
+    keras.utils.set_random_seed(0)
+    cfg = _seed_cfg({"baselines.epochs": 1}).baselines
+    summary = baselines.run(cfg, SPLIT, data_dir, tmp_path, lambda e, n, logs: seen.append((e, n)),
+                            hidden=(128, 64), activation="sigmoid")
+    assert {p.name for p in tmp_path.iterdir()} == {"softmax.keras", "ann.keras", "softmax_history.json",
+                                                   "ann_history.json"}
+    assert seen == [(1, 2), (2, 2)]
+    ann = keras.saving.load_model(tmp_path / "ann.keras", safe_mode=True)
+    assert [layer.units for layer in ann.layers[1:]] == [128, 64, 10]
+    assert summary["softmax"]["val_accuracy"] > 0.7 and summary["ann"]["epochs_run"] == 1
+    assert len(json.loads((tmp_path / "softmax_history.json").read_text())) == 1
+
+
+def test_early_stopping_restores_the_best_epoch(mnist_mirror, tmp_path):
+    """Training labels shifted by one make validation loss rise after the first epoch, so training must stop."""
+    ds = _mnist(mnist_mirror, 3500, 1000)
+    shifted = ds.y_train.copy()
+    shifted[SPLIT["validation_size"]:] = (shifted[SPLIT["validation_size"]:] + 1) % 10
+    data = tmp_path / "data"
+    data.mkdir()
+    save_dataset(Dataset(ds.x_train, shifted, ds.x_test, ds.y_test), data)
+    keras.utils.set_random_seed(0)
+    cfg = _seed_cfg({"baselines.epochs": 8, "baselines.early_stopping_patience": 1}).baselines
+    summary = baselines.run(cfg, SPLIT, data, tmp_path, hidden=(16,), activation="sigmoid")["softmax"]
+    assert summary["epochs_run"] == 2 and summary["best_epoch"] == 1
+
+    model = keras.saving.load_model(tmp_path / "softmax.keras", safe_mode=True)
+    val = load_splits(data, SPLIT)
+    val_loss = float(keras.losses.sparse_categorical_crossentropy(val.y_val, model.predict(val.x_val, verbose=0))
+                     .numpy().mean())
+    assert val_loss == pytest.approx(summary["best_val_loss"], rel=1e-4)
+
+
+def test_early_stopping_needs_a_validation_split(data_dir, tmp_path):
+    cfg = _seed_cfg({"pretrain.epochs": 1, "pretrain.early_stopping_patience": 1}).pretrain
+    with pytest.raises(ValueError, match="validation"):
+        pretrain.run(cfg, {**SPLIT, "validation_size": 0}, data_dir, tmp_path)
+
+
+def test_a_seeded_rerun_reproduces_the_stage_exactly(pretrained, data_dir, tmp_path):
+    first = _pretrain(data_dir, tmp_path / "a", 1)
+    second = _pretrain(data_dir, tmp_path / "b", 1)
+    assert {k: v for k, v in first.items() if k != "seconds"} == {k: v for k, v in second.items() if k != "seconds"}
+    a = keras.saving.load_model(tmp_path / "a" / "autoencoder.keras", safe_mode=True)
+    b = keras.saving.load_model(tmp_path / "b" / "autoencoder.keras", safe_mode=True)
+    for wa, wb in zip(a.get_weights(), b.get_weights(), strict=True):
+        np.testing.assert_array_equal(wa, wb)
+
+    tuned = [_finetune(data_dir, pretrained[0], tmp_path / name) for name in ("fa", "fb")]
+    assert tuned[0]["val_accuracy"] == tuned[1]["val_accuracy"] and tuned[0]["loss_mean"] == tuned[1]["loss_mean"]
+    fa, fb = (keras.saving.load_model(tmp_path / n / "finetuned.keras", safe_mode=True) for n in ("fa", "fb"))
+    for wa, wb in zip(fa.get_weights(), fb.get_weights(), strict=True):
+        np.testing.assert_array_equal(wa, wb)
