@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import sys
 from pathlib import Path
 
-from tasks.config import PROFILES, STAGES, ConfigError, load_config, parse_overrides
+from tasks.config import PROFILES, STAGES, ConfigError, PipelineConfig, load_config, parse_overrides
+from tasks.registry import Registry, RegistryError
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -35,15 +37,30 @@ def _parser() -> argparse.ArgumentParser:
                      help="recompute these stages even when cached")
     status = sub.add_parser("status", help="each stage's key, and whether it is cached (and if not, why)")
     _config_args(status)
+    promote = sub.add_parser("promote", help="make an evaluated model the champion by hand")
+    promote.add_argument("key", help="the fine-tune artifact key of the model (a unique prefix is enough)")
+    promote.add_argument("--reason", default="promoted by hand")
+    promote.add_argument("--store")
+    rollback = sub.add_parser("rollback", help="make the previous champion the champion again")
+    rollback.add_argument("--store")
+    predict = sub.add_parser("predict", help="classify digit images (PNG/JPEG) with the champion model")
+    predict.add_argument("images", nargs="+", type=Path)
+    predict.add_argument("--json", action="store_true", help="machine-readable output")
+    predict.add_argument("--store")
     return parser
 
 
+def _config(args: argparse.Namespace) -> PipelineConfig:
+    overrides = parse_overrides(getattr(args, "overrides", []))
+    store = {"store": args.store} if args.store else {}
+    return load_config(getattr(args, "profile", "default"), {**overrides, **store})
+
+
 def _run(args: argparse.Namespace) -> int:
-    overrides = parse_overrides(args.overrides)
-    load_config(args.profile, {**overrides, **({"store": args.store} if args.store else {})})  # fail before any work
+    _config(args)  # fail on a bad value before any work
     from flows.pipeline import pipeline
 
-    result = pipeline(profile=args.profile, overrides=overrides, stages=args.only or None,
+    result = pipeline(profile=args.profile, overrides=parse_overrides(args.overrides), stages=args.only or None,
                       force=args.force or None, store=args.store)
     print(f"store: {result['store']}")
     for stage, ref in result["stages"].items():
@@ -57,7 +74,7 @@ def _status(args: argparse.Namespace) -> int:
     from tasks import graph
     from tasks.store import Store
 
-    config = load_config(args.profile, {**parse_overrides(args.overrides), **({"store": args.store} if args.store else {})})
+    config = _config(args)
     store = Store(config.store)
     print(f"profile {config.profile}, store {store.root}")
     for step in graph.plan(config, store):
@@ -66,7 +83,48 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _run, "status": _status}
+def _who() -> str:
+    return f"cli:{getpass.getuser()}"
+
+
+def _promote(args: argparse.Namespace) -> int:
+    registry = Registry(_config(args).store)
+    matches = [key for key in registry.candidates() if key.startswith(args.key)]
+    if len(matches) != 1:
+        known = ", ".join(k[:12] for k in registry.candidates()) or "none"
+        raise RegistryError(f"{args.key!r} matches {len(matches)} evaluated models (known: {known})")
+    registry.promote(matches[0], None, by=_who(), reason=args.reason)
+    print(f"champion: {matches[0]}")
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    champion = Registry(_config(args).store).rollback(by=_who())
+    print(f"champion: {champion['key']} (promoted {champion['promoted_at']})")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from tasks.predict import predict
+
+    store = _config(args).store
+    model = Registry(store).champion_model()
+    if model is None:
+        raise RegistryError(f"no champion model in store {store}: run the pipeline first (mnist-ae run)")
+    results = predict(model, args.images)
+    if args.json:
+        print(json.dumps([{"path": str(r.path), "digit": r.digit, "probability": r.probability, "error": r.error}
+                          for r in results], indent=2))
+    else:
+        for r in results:
+            if r.error:
+                print(f"{r.path}: error: {r.error}", file=sys.stderr)
+            else:
+                print(f"{r.path}: {r.digit} (p={r.probability:.3f})")
+    return 1 if any(r.error for r in results) else 0
+
+
+COMMANDS = {"run": _run, "status": _status, "promote": _promote, "rollback": _rollback, "predict": _predict}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mnist-ae: {exc}", file=sys.stderr)
         return 2
+    except RegistryError as exc:
+        print(f"mnist-ae: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

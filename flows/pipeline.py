@@ -22,7 +22,9 @@ def _configure(profile: str, overrides: dict[str, Any] | None, store: str | None
     return load_config(profile, {**(overrides or {}), **({"store": store} if store else {})})
 
 
-def _upstream_refs(steps: list[graph.Step], only: set[str], store: Store, config: PipelineConfig) -> dict[str, ArtifactRef]:
+def _upstream_refs(
+    steps: list[graph.Step], only: set[str], store: Store, config: PipelineConfig
+) -> dict[str, ArtifactRef]:
     """Store artifacts that the selected stages need but do not compute themselves."""
     needed = {u for s in only for u in graph.upstream_of(config, s)} - only  # type: ignore[arg-type]
     refs = {s.stage: store.load(s.stage, s.key) for s in steps if s.stage in needed}
@@ -30,7 +32,7 @@ def _upstream_refs(steps: list[graph.Step], only: set[str], store: Store, config
         raise MissingUpstream(
             f"{', '.join(sorted(only))} needs stages that are not in {store.root}: "
             + "; ".join(f"{s.stage} ({s.reason})" for s in missing)
-            + ". Run them first (mnist-ae run --only " + ",".join(s.stage for s in missing) + ") or run without --only."
+            + f". Run them first (mnist-ae run --only {','.join(s.stage for s in missing)}) or run without --only."
         )
     return {stage: ref for stage, ref in refs.items() if ref is not None}
 
@@ -40,11 +42,11 @@ ACCURACY_ARTIFACT = "mnist-ae-accuracy"
 
 
 @task(name="publish")
-def publish_run(config: PipelineConfig, refs: dict[str, ArtifactRef]) -> dict[str, Any]:
+def publish_run(config: PipelineConfig, refs: dict[str, ArtifactRef], validated: bool) -> dict[str, Any]:
     """Promote or keep the champion, append the run history, write the run report and its Prefect artifacts."""
     store = Store(config.store)
     run_id = flow_run.get_id()
-    decision = publish.promote(config, store, refs, run_id) if "evaluate" in refs else None
+    decision = publish.promote(config, store, refs, run_id, validated) if "evaluate" in refs else None
     publish.record(config, store, refs, decision, run_id)
     if "report" not in refs:
         return {"decision": decision and decision.reason}
@@ -94,8 +96,10 @@ def pipeline(
         refs[step.stage] = ref.model_copy(update={"cached": True}) if state.name == "Cached" else ref
     for stage, ref in refs.items():
         logger.info("%-9s %-8s %s", stage, "cached" if ref.cached else "computed", ref.path)
-    published = publish_run(config, refs)
+    # Validation passed in this run, or earlier for exactly this data (the flow stops when it fails).
+    validated = "validate" in refs or any(s.stage == "validate" and s.cached for s in steps)
+    published = publish_run(config, refs, validated)
     if published.get("report"):
         logger.info("report: %s", published["report"])
-    return {"flow_run_id": flow_run.get_id(), "store": str(the_store.root), "stages": {s: r.model_dump(mode="json") for s, r in refs.items()},
-            **published}
+    return {"flow_run_id": flow_run.get_id(), "store": str(the_store.root),
+            "stages": {s: r.model_dump(mode="json") for s, r in refs.items()}, **published}

@@ -48,7 +48,8 @@ def _champion_correct(store: Store, champion: dict[str, Any], config: PipelineCo
     return probabilities.argmax(axis=1) == splits.y_test
 
 
-def promote(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef], flow_run_id: str | None) -> Decision:
+def promote(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef], flow_run_id: str | None,
+            validated: bool) -> Decision:
     """Score this run's model against the champion and promote it when the configured rule says so."""
     registry = Registry(store.root)
     challenger = candidate(config, refs)
@@ -59,8 +60,7 @@ def promote(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef], 
         return Decision(False, f"this run's model {challenger['key'][:12]} is already the champion",
                         acc, acc, 0, 0, 1.0)
     champion_correct = None if champion is None else _champion_correct(store, champion, config, refs)
-    # A failed validation stops the flow before training, so a run that gets here has passed it.
-    decision = decide(champion_correct, correct, config.promote, validation_passed="validate" in refs)
+    decision = decide(champion_correct, correct, config.promote, validation_passed=validated)
     registry.record_decision(challenger, decision, flow_run_id)
     return decision
 

@@ -95,8 +95,12 @@ def test_second_run_is_all_cached(first, store):
     assert {s: r["key"] for s, r in second["stages"].items()} == {s: r["key"] for s, r in first["stages"].items()}
 
 
-def test_changing_a_finetune_setting_reruns_only_what_follows(first, store):
-    changed = run(store, overrides={"finetune.learning_rate": 0.002})
+@pytest.fixture(scope="module")
+def changed(first, store) -> dict:
+    return run(store, overrides={"finetune.learning_rate": 0.002})
+
+
+def test_changing_a_finetune_setting_reruns_only_what_follows(changed):
     states = task_states(changed["flow_run_id"])
     recomputed = {s for s in ALL if states[s] != "Cached"}
     assert recomputed == {"finetune", "evaluate", "report"}
@@ -165,3 +169,54 @@ def test_two_concurrent_runs_on_one_store_both_finish(tmp_path, mnist_mirror):
         from tasks.store import verify
 
         assert verify(artifacts[0], artifacts[0].name) is None
+
+
+def _digit_pngs(mnist_mirror: Path, directory: Path, count: int) -> tuple[list[Path], list[int]]:
+    from PIL import Image
+
+    from tasks.idx import parse_images, parse_labels, read_payload
+
+    images = parse_images(read_payload(mnist_mirror / "t10k-images-idx3-ubyte.gz"), "t10k-images")
+    labels = parse_labels(read_payload(mnist_mirror / "t10k-labels-idx1-ubyte.gz"), "t10k-labels")
+    paths = []
+    for i in range(count):
+        path = directory / f"digit{i}.png"
+        Image.fromarray(255 - images[i]).resize((84, 84)).convert("RGB").save(path)  # dark ink on white, larger
+        paths.append(path)
+    return paths, [int(v) for v in labels[:count]]
+
+
+def test_predict_classifies_images_with_the_champion(first, store, tmp_path, mnist_mirror, capsys):
+    paths, labels = _digit_pngs(mnist_mirror, tmp_path, 10)
+    assert cli(["predict", *map(str, paths), "--json", "--store", str(store)]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["path"] for r in results] == [str(p) for p in paths]
+    assert sum(r["digit"] == y for r, y in zip(results, labels, strict=True)) >= 6  # a 2-epoch quick model
+    assert all(0 < r["probability"] <= 1 and r["error"] is None for r in results)
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an image")
+    assert cli(["predict", str(paths[0]), str(bad), str(tmp_path / "missing.png"), "--store", str(store)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"{paths[0]}: ")
+    errors = captured.err.strip().splitlines()
+    assert len(errors) == 2 and "notes.txt" in errors[0] and "missing.png" in errors[1]
+
+
+def test_predict_without_a_champion_fails_clearly(tmp_path, capsys):
+    assert cli(["predict", str(tmp_path / "x.png"), "--store", str(tmp_path / "empty")]) == 1
+    assert "no champion" in capsys.readouterr().err
+
+
+def test_promote_and_rollback_by_hand(first, changed, store, capsys):
+    registry = Registry(store)
+    original = first["stages"]["finetune"]["key"]
+    other = changed["stages"]["finetune"]["key"]
+    assert other != original
+    if registry.champion()["key"] != other:
+        assert cli(["promote", other[:10], "--store", str(store), "--reason", "reviewed"]) == 0
+        assert registry.champion()["key"] == other and registry.history()[-1]["event"] == "manual"
+    assert cli(["rollback", "--store", str(store)]) == 0
+    assert registry.champion()["key"] == original
+    assert registry.history()[-1]["event"] == "rollback"
+    assert cli(["promote", "ffff", "--store", str(store)]) == 1
+    assert "matches 0 evaluated models" in capsys.readouterr().err
