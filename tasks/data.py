@@ -44,7 +44,7 @@ def load_dataset(directory: str | Path) -> Dataset:
 
 
 def _model_ready(images: np.ndarray) -> np.ndarray:
-    return (images.reshape(len(images), -1) / np.float32(255.0)).astype(np.float32)
+    return (images.reshape(len(images), -1 if len(images) else 28 * 28) / np.float32(255.0)).astype(np.float32)
 
 
 def split(ds: Dataset, validation_size: int, train_size: int | None = None, test_size: int | None = None) -> Splits:

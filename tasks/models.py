@@ -28,6 +28,8 @@ MODEL_FILES: dict[str, tuple[str, str]] = {
     "probe": ("finetune", "probe.keras"),
 }
 
+# The pretrain stage's model file, read back by the finetune stage.
+AUTOENCODER_FILE = "autoencoder.keras"
 INPUT_SIZE = 784
 NUM_CLASSES = 10
 RECONSTRUCTION_LOSS = "mean_squared_error"
@@ -140,6 +142,11 @@ def build_autoencoder(cfg: PretrainConfig) -> keras.Model:
     return keras.Model(inputs, x, name="autoencoder")
 
 
+def load_autoencoder(pretrain_dir: Path) -> keras.Model:
+    """The trained autoencoder of a pretrain artifact, without its optimizer state."""
+    return keras.saving.load_model(Path(pretrain_dir) / AUTOENCODER_FILE, compile=False, safe_mode=True)
+
+
 def encoder_layers(autoencoder: keras.Model) -> list[layers.Layer]:
     """The autoencoder's encoder layers in order."""
     found = [layer for layer in autoencoder.layers if layer.name.startswith("enc_")]
@@ -243,10 +250,17 @@ def _maybe_float(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
+def check_validation(cfg: TrainConfig, split: dict[str, int | None]) -> None:
+    """Fail before any work when early stopping is asked for without a validation split to watch."""
+    if cfg.early_stopping_patience is not None and not split.get("validation_size"):
+        raise ValueError("early stopping needs a validation split (validation_size > 0)")
+
+
 def fit(model: keras.Model, x: np.ndarray, y: np.ndarray, validation: tuple[np.ndarray, np.ndarray] | None,
         cfg: TrainConfig, progress: Progress | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Train a compiled model; return its per-epoch history rows and a summary of the run."""
-    callbacks: list[keras.callbacks.Callback] = [_EpochLog(cfg.epochs, progress, model.name)]
+    epoch_log = _EpochLog(cfg.epochs, progress, model.name)
+    callbacks: list[keras.callbacks.Callback] = [epoch_log]
     if cfg.early_stopping_patience is not None:
         if validation is None:
             raise ValueError("early stopping needs a validation split (validation_size > 0)")
@@ -256,8 +270,7 @@ def fit(model: keras.Model, x: np.ndarray, y: np.ndarray, validation: tuple[np.n
     model.fit(x, y, batch_size=cfg.batch_size, epochs=cfg.epochs, validation_data=validation, shuffle=True,
               callbacks=callbacks, verbose=0)
     seconds = time.perf_counter() - started
-    rows = callbacks[0].rows
-    return rows, summarize(rows, seconds, restored=cfg.early_stopping_patience is not None)
+    return epoch_log.rows, summarize(epoch_log.rows, seconds, restored=cfg.early_stopping_patience is not None)
 
 
 def summarize(rows: list[dict[str, Any]], seconds: float, restored: bool) -> dict[str, Any]:

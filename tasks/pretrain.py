@@ -6,18 +6,25 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import keras
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from tasks.config import PretrainConfig
 from tasks.data import load_splits
-from tasks.models import RECONSTRUCTION_LOSS, Progress, build_autoencoder, compile_model, fit, write_history
+from tasks.models import (
+    AUTOENCODER_FILE,
+    RECONSTRUCTION_LOSS,
+    Progress,
+    build_autoencoder,
+    check_validation,
+    compile_model,
+    fit,
+    write_history,
+)
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "autoencoder.keras"
 HISTORY_FILE = "history.json"
 FIGURE_FILE = "reconstruction.png"
 EXAMPLES_TO_SHOW = 10
@@ -31,13 +38,14 @@ def run(cfg: PretrainConfig, split: dict[str, int | None], data_dir: Path, out: 
     Writes `autoencoder.keras`, `history.json` (one row per epoch; `loss_last_batch` is what the notebook
     printed) and `reconstruction.png` (ten test digits above their reconstructions) into `out`.
     """
+    check_validation(cfg, split)
     data = load_splits(data_dir, split)
     validation = (data.x_val, data.x_val) if len(data.x_val) else None
     model = build_autoencoder(cfg)
     compile_model(model, cfg, RECONSTRUCTION_LOSS)
     rows, summary = fit(model, data.x_train, data.x_train, validation, cfg, progress)
 
-    model.save(out / MODEL_FILE)
+    model.save(out / AUTOENCODER_FILE)
     write_history(rows, out / HISTORY_FILE)
     reconstructed = model.predict(data.x_test, batch_size=1024, verbose=0)
     shown = slice(0, EXAMPLES_TO_SHOW)
@@ -72,8 +80,3 @@ def save_reconstructions(images: np.ndarray, reconstructed: np.ndarray, path: Pa
             axes[row][i].set_axis_off()
     fig.savefig(path, dpi=100)
     return path
-
-
-def load_autoencoder(directory: Path) -> keras.Model:
-    """The trained autoencoder of a pretrain artifact, without its optimizer state."""
-    return keras.saving.load_model(Path(directory) / MODEL_FILE, compile=False, safe_mode=True)
