@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
@@ -158,13 +157,9 @@ def as_probabilities(outputs: np.ndarray) -> tuple[np.ndarray, str]:
 
 def predict_with(path: Path, x: np.ndarray) -> tuple[np.ndarray, str]:
     """Load a `.keras` file safely and return its class probabilities on `x`."""
-    import keras
+    from tasks.models import load_model  # Keras is imported only when a model is needed
 
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"model file {path} does not exist")
-    if importlib.util.find_spec("tasks.models") is not None:
-        import tasks.models  # noqa: F401  (registers the project's custom Keras objects for deserialisation)
-    model = keras.saving.load_model(path, safe_mode=True)
+    model = load_model(path)
     outputs = np.asarray(model.predict(x, batch_size=1024, verbose=0), dtype=np.float64)
     if outputs.shape != (len(x), NUM_CLASSES):
         raise ValueError(f"{Path(path).name}: expected outputs of shape {(len(x), NUM_CLASSES)}, got {outputs.shape}")

@@ -142,6 +142,13 @@ def build_autoencoder(cfg: PretrainConfig) -> keras.Model:
     return keras.Model(inputs, x, name="autoencoder")
 
 
+def load_model(path: Path) -> keras.Model:
+    """Load a saved model with safe mode on; importing this module registers the custom objects it may use."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such model file")
+    return keras.saving.load_model(path, safe_mode=True)
+
+
 def load_autoencoder(pretrain_dir: Path) -> keras.Model:
     """The trained autoencoder of a pretrain artifact, without its optimizer state."""
     return keras.saving.load_model(Path(pretrain_dir) / AUTOENCODER_FILE, compile=False, safe_mode=True)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from tasks.evaluate import as_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,8 @@ def frame(ink: np.ndarray) -> np.ndarray:
 
 def predict(model_path: Path, image_paths: list[Path]) -> list[Prediction]:
     """Predict the digit of every image with the saved Keras model; a bad file gets an error, not an exception."""
+    from tasks.models import load_model  # Keras is imported only when a model is needed, so prepare() stays light
+
     model = load_model(Path(model_path))
     prepared: dict[int, np.ndarray] = {}
     errors: dict[int, str] = {}
@@ -114,26 +116,10 @@ def predict(model_path: Path, image_paths: list[Path]) -> list[Prediction]:
     return results
 
 
-def load_model(model_path: Path):  # -> keras.Model; keras is imported lazily so prepare() stays light
-    """Load a `.keras` model safely, after registering the project's custom objects if they exist."""
-    import keras
-
-    if importlib.util.find_spec("tasks.models") is not None:
-        importlib.import_module("tasks.models")  # registers the TF1 RMSProp optimizer used by seed models
-    if not model_path.is_file():
-        raise FileNotFoundError(f"{model_path}: no such model file")
-    return keras.saving.load_model(model_path, safe_mode=True)
-
-
 def _probabilities(model, x: np.ndarray) -> np.ndarray:
     """Class probabilities, reshaping the 784-vectors to whatever input shape the model declares."""
     shape = tuple(model.input_shape[1:])
-    out = np.asarray(model.predict(x.reshape((len(x), *shape)), verbose=0), dtype=np.float64)
-    if np.any(out < 0) or not np.allclose(out.sum(axis=1), 1.0, atol=1e-3):
-        # A head without softmax returns logits.
-        out = np.exp(out - out.max(axis=1, keepdims=True))
-        out /= out.sum(axis=1, keepdims=True)
-    return out
+    return as_probabilities(np.asarray(model.predict(x.reshape((len(x), *shape)), verbose=0), dtype=np.float64))[0]
 
 
 def _one_line(exc: BaseException) -> str:

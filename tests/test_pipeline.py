@@ -37,8 +37,8 @@ def _mirror(monkeypatch, mnist_mirror):
     monkeypatch.setenv("MNIST_MIRROR", str(mnist_mirror))
 
 
-def run(store: Path, **params) -> dict:
-    return pipeline(profile="quick", store=str(store), **params)
+def run(store: Path, profile: str = "quick", **params) -> dict:
+    return pipeline(profile=profile, store=str(store), **params)
 
 
 def task_states(flow_run_id: str) -> dict[str, str]:
@@ -117,6 +117,16 @@ def test_forced_rerun_of_one_stage_reproduces_its_metrics(first, store):
     assert forced["stages"]["evaluate"]["summary"]["accuracy"] == before
     history_file = Path(forced["stages"]["finetune"]["path"]) / "history.json"
     assert json.loads(history_file.read_text()) == json.loads(history_file.read_text())
+
+
+def test_seed_part2_stops_after_pretraining_and_reports_the_reconstruction(tmp_path):
+    small = {"data.train_size": 1000, "data.test_size": 500, "pretrain.epochs": 1}
+    result = run(tmp_path / "s", profile="seed-part2", overrides=small)
+    assert list(result["stages"]) == ["download", "validate", "pretrain", "report"]
+    markdown = (Path(result["stages"]["report"]["path"]) / "report.md").read_text()
+    assert "reconstruction.png" in markdown and "784-256-128" in markdown
+    assert "Claim" not in markdown
+    assert Registry(tmp_path / "s").champion() is None
 
 
 def test_only_with_a_missing_upstream_names_it(tmp_path):
