@@ -119,7 +119,10 @@ class Store:
         with self.lock(f"{stage}-{key}"):
             if not force and (hit := self.load(stage, key)):
                 return hit
-            staging = self.root / ".tmp" / f"{stage}-{key[:12]}-{uuid.uuid4().hex[:8]}"
+            # Under this key's lock nobody else writes it, so earlier staging dirs are leftovers of a killed run.
+            for stale in (self.root / ".tmp").glob(f"{stage}-{key}-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            staging = self.root / ".tmp" / f"{stage}-{key}-{uuid.uuid4().hex[:8]}"
             staging.mkdir(parents=True)
             started = time.perf_counter()
             try:

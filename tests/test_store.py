@@ -124,8 +124,10 @@ def test_kill_mid_write_leaves_no_trusted_artifact(store_root, tmp_path):
     proc.join()
     store = Store(store_root)
     assert store.load("s", key) is None
+    assert len(list((store.root / ".tmp").iterdir())) == 1  # the killed writer's staging dir, never trusted
     ref = store.materialize("s", key, INPUTS, _produce())
     assert not ref.cached and verify(Path(ref.path), key) is None
+    assert list((store.root / ".tmp").iterdir()) == []  # the next writer of that key cleared it
 
 
 def _materialize_counting(root: str, key: str, counter: str) -> None:
