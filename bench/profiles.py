@@ -29,8 +29,10 @@ def run_profile(profile: str, store: Path) -> dict:
     stages = result["stages"]
     metrics = json.loads((Path(stages["evaluate"]["path"]) / "metrics.json").read_text())
     accuracy = {m: metrics["models"][m]["accuracy"] for m in MODELS if m in metrics["models"]}
+    summary = stages["report"]["summary"]
     return {"wall_s": wall, "stages": {s: r["duration_s"] for s, r in stages.items()}, "accuracy": accuracy,
-            "claim_held": stages["report"]["summary"].get("claim_held")}
+            "claim_held": summary.get("claim_held"), "loss_vs_notebook": summary.get("pretrain_mean_rel_diff"),
+            "epochs": {s: stages[s]["summary"].get("epochs_run") for s in ("pretrain", "finetune")}}
 
 
 def machine() -> str:
@@ -47,6 +49,10 @@ def to_markdown(results: dict[str, dict]) -> str:
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     lines.append("| claim held (pretrained > ANN > softmax) | "
                  + " | ".join(str(r["claim_held"]) for r in results.values()) + " |")
+    lines.append("| pretraining loss vs the notebook's log, epochs 1-36 (mean relative difference) | " + " | ".join(
+        "-" if r["loss_vs_notebook"] is None else f"{r['loss_vs_notebook']:.1%}" for r in results.values()) + " |")
+    lines.append("| epochs run (pretrain / fine-tune) | " + " | ".join(
+        f"{r['epochs']['pretrain']} / {r['epochs']['finetune']}" for r in results.values()) + " |")
     lines += ["", "Wall time per stage, seconds:", "", "| stage | " + " | ".join(profiles) + " |",
               "|---|" + "---|" * len(profiles)]
     for stage in next(iter(results.values()))["stages"]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks import history, report
+from tasks import document, history, report
 from tasks.config import PipelineConfig
 from tasks.data import load_splits
 from tasks.evaluate import METRICS_FILE, load_predictions, predict_with
@@ -81,26 +81,26 @@ def record(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef], d
 
 
 def run_section(refs: dict[str, ArtifactRef], decision: Decision | None, records: list[dict[str, Any]],
-                out: Path, flow_run_id: str | None) -> list[report.Block]:
+                out: Path, flow_run_id: str | None) -> list[document.Block]:
     """The report blocks that change with every run: stage outcomes, promotion decision, trend."""
     stamp = datetime.now(UTC).isoformat(timespec="seconds")
-    blocks: list[report.Block] = [
-        report.Heading("This run"),
-        report.Paragraph(f"Flow run {flow_run_id or '(none)'} at {stamp}."),
-        report.Table(("Stage", "Result", "Seconds", "Key"), tuple(
+    blocks: list[document.Block] = [
+        document.Heading("This run"),
+        document.Paragraph(f"Flow run {flow_run_id or '(none)'} at {stamp}."),
+        document.Table(("Stage", "Result", "Seconds", "Key"), tuple(
             (s, "cached" if r.cached else "computed", f"{r.duration_s:.1f}", r.key[:12]) for s, r in refs.items())),
     ]
     if decision is not None:
         verdict = "promoted to champion" if decision.promote else "not promoted"
-        blocks += [report.Heading("Promotion decision", 3), report.Paragraph(f"This run's model was {verdict}: "
+        blocks += [document.Heading("Promotion decision", 3), document.Paragraph(f"This run's model was {verdict}: "
                                                                              f"{decision.reason}.")]
     if records:
-        blocks += [report.Heading("Trend over past runs", 3),
-                   report.Paragraph(f"Accuracy of the pretrained model over recent runs is "
+        blocks += [document.Heading("Trend over past runs", 3),
+                   document.Paragraph(f"Accuracy of the pretrained model over recent runs is "
                                     f"{history.trend(records)} ({len(records)} runs recorded).")]
         history.trend_figure(records, out / "trend.png")
-        blocks += [report.Image("trend.png", "accuracy per run"),
-                   report.table_from_records(history.trend_table(records))]
+        blocks += [document.Image("trend.png", "accuracy per run"),
+                   document.table_from_records(history.trend_table(records))]
     return blocks
 
 
@@ -111,16 +111,16 @@ def run_report(store: Store, refs: dict[str, ArtifactRef], decision: Decision | 
     name = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{(flow_run_id or uuid.uuid4().hex)[:8]}"
     staging = store.root / RUNS_DIR / f".{name}.tmp"
     staging.mkdir(parents=True)
-    blocks = report.load_blocks(report_dir / report.BLOCKS_FILE)
+    blocks = document.load_blocks(report_dir / document.BLOCKS_FILE)
     blocks += run_section(refs, decision, history.read(store.root), staging, flow_run_id)
-    report.render(blocks, staging, report.REPORT_NAME, assets=report_dir)
+    document.render(blocks, staging, report.REPORT_NAME, assets=report_dir)
     final = store.root / RUNS_DIR / name
     os.replace(staging, final)
     return {"markdown": final / f"{report.REPORT_NAME}.md", "html": final / f"{report.REPORT_NAME}.html",
-            "blocks": final / report.BLOCKS_FILE}
+            "blocks": final / document.BLOCKS_FILE}
 
 
 def markdown_without_figures(blocks_file: Path) -> str:
     """The report as Markdown text for a Prefect artifact, which cannot show local image files."""
-    blocks = [b for b in report.load_blocks(blocks_file) if not isinstance(b, report.Image)]
-    return report.to_markdown(blocks)
+    blocks = [b for b in document.load_blocks(blocks_file) if not isinstance(b, document.Image)]
+    return document.to_markdown(blocks)

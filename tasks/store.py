@@ -23,10 +23,6 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 
 
-class StageFailed(RuntimeError):
-    """A stage raised; its partial output was kept aside for inspection, never in the store."""
-
-
 class ArtifactRef(BaseModel):
     """The small handle that stages pass to each other instead of arrays or models."""
 

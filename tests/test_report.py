@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from tasks import evaluate, report
+from tasks import document, evaluate, report
 from tasks.config import ReportConfig, load_config
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -235,21 +235,21 @@ def test_blocks_round_trip_and_appended_section(tmp_path):
     first = tmp_path / "first"
     first.mkdir()
     report.run(ReportConfig(), inputs, _run_info(), first)
-    blocks = report.load_blocks(first / report.BLOCKS_FILE)
-    assert any(isinstance(b, report.Table) for b in blocks) and any(isinstance(b, report.Image) for b in blocks)
-    assert report.to_markdown(blocks) == (first / "report.md").read_text()
-    report.save_blocks(blocks, tmp_path / "again.json")
-    assert report.load_blocks(tmp_path / "again.json") == blocks
+    blocks = document.load_blocks(first / document.BLOCKS_FILE)
+    assert any(isinstance(b, document.Table) for b in blocks) and any(isinstance(b, document.Image) for b in blocks)
+    assert document.to_markdown(blocks) == (first / "report.md").read_text()
+    document.save_blocks(blocks, tmp_path / "again.json")
+    assert document.load_blocks(tmp_path / "again.json") == blocks
 
     # A later step appends its own section, with a figure of its own, and re-renders into a new directory.
     second = tmp_path / "second"
     second.mkdir()
     _reconstruction_png(second / "trend.png")
-    blocks += [report.Heading("Promotion"), report.Paragraph("Promoted: <b>yes</b> & p < 0.05"),
-               report.table_from_records([{"run": 1, "pretrained": 0.97123, "promoted": True},
+    blocks += [document.Heading("Promotion"), document.Paragraph("Promoted: <b>yes</b> & p < 0.05"),
+               document.table_from_records([{"run": 1, "pretrained": 0.97123, "promoted": True},
                                           {"run": 2, "pretrained": None, "promoted": False}]),
-               report.Image("trend.png", "Accuracy trend")]
-    paths = report.render(blocks, second, "report", assets=first)
+               document.Image("trend.png", "Accuracy trend")]
+    paths = document.render(blocks, second, "report", assets=first)
     md = paths["markdown"].read_text()
     assert md.index("## Run metadata") < md.index("## Promotion")
     assert "Promoted: <b>yes</b> & p < 0.05" in md and "| 1 | 0.9712 | True |" in md and "| 2 |  | False |" in md
@@ -258,25 +258,25 @@ def test_blocks_round_trip_and_appended_section(tmp_path):
     assert "<p>Promoted: &lt;b&gt;yes&lt;/b&gt; &amp; p &lt; 0.05</p>" in page and "<b>yes</b>" not in page
     _assert_self_contained(page, second)
     assert len(_image_sources(page)) == 6
-    assert report.load_blocks(second / report.BLOCKS_FILE) == blocks
+    assert document.load_blocks(second / document.BLOCKS_FILE) == blocks
 
 
 def test_rendering_escapes_markup():
-    blocks = [report.Heading('A "quoted" <title>', 1), report.Table(("a|b", "c"), (("x|y", "line\nbreak"),)),
-              report.Code("<script>alert(1)</script>", "html"), report.Bullets(("<i>",))]
-    md = report.to_markdown(blocks)
+    blocks = [document.Heading('A "quoted" <title>', 1), document.Table(("a|b", "c"), (("x|y", "line\nbreak"),)),
+              document.Code("<script>alert(1)</script>", "html"), document.Bullets(("<i>",))]
+    md = document.to_markdown(blocks)
     assert "| a\\|b | c |" in md and "| x\\|y | line break |" in md
-    page = report.to_html(blocks, Path("."), "t<")
+    page = document.to_html(blocks, Path("."), "t<")
     assert "<script>" not in page and "&lt;script&gt;" in page and "<title>t&lt;</title>" in page
     assert "<li>&lt;i&gt;</li>" in page and "<td>x|y</td>" in page
 
 
 def test_rendering_failures(tmp_path):
     with pytest.raises(FileNotFoundError):
-        report.render([report.Image("missing.png", "gone")], tmp_path)
+        document.render([document.Image("missing.png", "gone")], tmp_path, "report")
     (tmp_path / "figure.gif").write_bytes(b"GIF89a")
     with pytest.raises(ValueError, match="unsupported image type"):
-        report.to_html([report.Image("figure.gif", "gif")], tmp_path, "t")
+        document.to_html([document.Image("figure.gif", "gif")], tmp_path, "t")
     (tmp_path / "bad.json").write_text(json.dumps([{"kind": "video", "path": "x"}]))
     with pytest.raises(ValueError, match="unknown block kind"):
-        report.load_blocks(tmp_path / "bad.json")
+        document.load_blocks(tmp_path / "bad.json")
