@@ -109,7 +109,7 @@ def trend_figure(records: list[dict[str, Any]], path: Path) -> Path:
     ax.set_ylabel("test accuracy")
     ax.set_title(f"Test accuracy over {len(records)} runs ({TREND_MODEL}: {trend(records)})")
     ax.grid(alpha=0.3)
-    if records:
+    if model_names(records):
         ax.legend()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
