@@ -9,14 +9,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.cli import main as cli
 from flows.pipeline import ACCURACY_ARTIFACT, REPORT_ARTIFACT, MissingUpstream, pipeline
-from tasks import history
+from flows.stages import stage_task
+from tasks import download, graph, history
+from tasks.config import load_config
 from tasks.registry import Registry
+from tasks.store import Store
 
 ALL = ["download", "validate", "pretrain", "finetune", "baselines", "evaluate", "report"]
 
@@ -127,6 +131,28 @@ def test_seed_part2_stops_after_pretraining_and_reports_the_reconstruction(tmp_p
     assert "reconstruction.png" in markdown and "784-256-128" in markdown
     assert "Claim" not in markdown
     assert Registry(tmp_path / "s").champion() is None
+
+
+@pytest.mark.parametrize(("offline", "attempts"), [("0", 4), ("1", 1)], ids=["network-error", "data-error"])
+def test_download_is_retried_on_network_errors_only(tmp_path, monkeypatch, offline, attempts):
+    monkeypatch.delenv("MNIST_MIRROR")
+    monkeypatch.setenv("MNIST_AE_OFFLINE", offline)
+    monkeypatch.setattr(download, "MIRROR_URLS", {"mnist": ("http://127.0.0.1:9/",)})  # nothing listens there
+    config = load_config("quick", {"store": str(tmp_path / "s")})
+    store = Store(config.store)
+    step = graph.plan(config, store)[0]
+
+    @flow
+    def download_only():
+        task = stage_task(step, store, force=False).with_options(retry_delay_seconds=0)
+        state = task(step, config, {}, False, return_state=True)
+        return state.is_failed(), state.state_details.task_run_id
+
+    failed, task_run_id = download_only()
+    assert failed
+    with get_client(sync_client=True) as client:
+        assert client.read_task_run(task_run_id).run_count == attempts
+    assert not (tmp_path / "s" / "download").exists()
 
 
 def test_only_with_a_missing_upstream_names_it(tmp_path):
