@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 from prefect import flow
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    ArtifactFilterKey,
+    ArtifactFilterType,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.cli import main as cli
@@ -81,6 +88,11 @@ def test_prefect_artifacts_are_published(first):
     assert set(mine) == {REPORT_ARTIFACT, ACCURACY_ARTIFACT}
     assert "pretrained" in json.dumps(mine[ACCURACY_ARTIFACT].data)
     assert "Claim" in mine[REPORT_ARTIFACT].data or "claim" in mine[REPORT_ARTIFACT].data
+    with get_client(sync_client=True) as client:
+        progress = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[first["flow_run_id"]]),
+            type=ArtifactFilterType(any_=["progress"])))
+    assert len(progress) == 3 and all(a.data == 100.0 for a in progress)  # one per training stage, each finished
 
 
 def test_first_model_becomes_champion_and_run_is_recorded(first, store):
