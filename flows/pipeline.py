@@ -75,13 +75,10 @@ def pipeline(
         force: recompute these stages even when the store has them.
         store: store root (default: the config's, `artifacts/`).
     """
-    import tensorflow as tf
-
     config = _configure(profile, overrides, store)
     unknown = set(stages or []) | set(force or [])
     if missing := sorted(unknown - set(config.stages)):
         raise ValueError(f"stages {missing} are not part of profile {profile!r} ({', '.join(config.stages)})")
-    tf.config.experimental.enable_op_determinism()
     logger = get_run_logger()
     the_store = Store(config.store)
     steps = graph.plan(config, the_store)

@@ -181,13 +181,16 @@ def execute(step: Step, config: PipelineConfig, refs: Refs, store: Store, *, for
             progress: Progress | None = None) -> ArtifactRef:
     """Return the stage's stored artifact, or compute it from its upstream artifacts and store it."""
     import keras
+    import tensorflow as tf
 
     spec = SPECS[step.stage]
     upstream = {s: refs[s] for s in upstream_of(config, step.stage)}
 
     def produce(out: Path) -> dict[str, Any]:
-        # Seeding per stage (not only once per run) is what makes a stage re-run alone reproduce itself.
+        # Seeding per stage (not only once per run) is what makes a stage re-run alone reproduce itself;
+        # op determinism (process-wide, irreversible) makes the same seed give the same numbers.
         keras.utils.set_random_seed(config.seed)
+        tf.config.experimental.enable_op_determinism()
         return spec.run(config, upstream, out, progress)
 
     return store.materialize(step.stage, step.key, step.inputs, produce, force=force)
