@@ -268,3 +268,13 @@ def test_promote_and_rollback_by_hand(first, changed, store, capsys):
     assert registry.history()[-1]["event"] == "rollback"
     assert cli(["promote", "ffff", "--store", str(store)]) == 1
     assert "matches 0 evaluated models" in capsys.readouterr().err
+
+
+def test_champion_is_rescored_when_the_test_set_changed(first, store):
+    """A champion scored on 2,000 test images is compared with a challenger on the same 1,000, not on its old set."""
+    result = run(store, overrides={"data.test_size": 1000})
+    event = Registry(store).history()[-1]
+    assert event["candidate"]["key"] == result["stages"]["finetune"]["key"] and event["candidate"]["n"] == 1000
+    decision = event["decision"]
+    assert decision["champion_accuracy"] is not None and decision["b"] + decision["c"] <= 1000
+    assert history.read(store)[-1]["promotion"]["reason"] == decision["reason"]
