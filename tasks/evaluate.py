@@ -6,6 +6,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from statistics import NormalDist
 from typing import Any
@@ -23,6 +24,8 @@ NUM_CLASSES = 10
 # The claim table's order; any other model name follows, alphabetically.
 MODEL_ORDER = ("softmax", "ann", "pretrained", "probe")
 CI_METHOD = "wilson"
+# Model pairs compared example by example: the claim's two steps, then the probe against the fine-tuned model.
+PAIRS = (("pretrained", "ann"), ("ann", "softmax"), ("pretrained", "probe"))
 
 
 def accuracy_ci(correct: int, n: int, confidence: float) -> tuple[float, float]:
@@ -93,6 +96,28 @@ def metrics_for(y_true: np.ndarray, y_pred: np.ndarray, confidence: float, k: in
         "macro_f1": float(np.mean(f1s)) if f1s else None,
         "per_class": classes, "confusion": conf.tolist(),
     }
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value: a binomial test of b successes in b + c trials with p = 1/2."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1))
+    # Exact rational arithmetic: 2**n overflows floats once a test set has thousands of disagreements.
+    return float(min(Fraction(1), Fraction(2 * tail, 2**n)))
+
+
+def paired(y_true: np.ndarray, predicted: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """McNemar's exact test for each pair in PAIRS present: who is right where the other is wrong."""
+    rows = []
+    for first, second in PAIRS:
+        if first in predicted and second in predicted:
+            a, b = predicted[first] == y_true, predicted[second] == y_true
+            only_first, only_second = int(np.sum(a & ~b)), int(np.sum(b & ~a))
+            rows.append({"models": [first, second], "only_first_right": only_first,
+                         "only_second_right": only_second, "p_value": mcnemar_exact(only_first, only_second)})
+    return rows
 
 
 def ordered(names: Any) -> list[str]:
@@ -173,7 +198,8 @@ def run(
 
     `model_paths` maps a model name ("softmax", "ann", "pretrained", optionally "probe") to its
     `.keras` file. metrics.json is `assemble(...)`: {"confidence", "ci_method", "n_test", "order",
-    "best_model", "models": {name: metrics_for(...) plus "output" ("probabilities" or "logits")}}.
+    "best_model", "models": {name: metrics_for(...) plus "output" ("probabilities" or "logits")}} plus
+    "paired": `paired(...)`, McNemar's exact test between the claim's neighbouring models.
     Returns the accuracies, their intervals and the best model.
     """
     if not model_paths:
@@ -192,7 +218,7 @@ def run(
         log.info("%s: test accuracy %.4f [%.4f, %.4f]", name, models[name]["accuracy"],
                  models[name]["ci_low"], models[name]["ci_high"])
     save_predictions(Predictions(y_true, predicted, prob_of_predicted), out)
-    metrics = assemble(models, cfg.confidence)
+    metrics = {**assemble(models, cfg.confidence), "paired": paired(y_true, predicted)}
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     return {
         "n_test": metrics["n_test"], "best_model": metrics["best_model"],

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tasks.config import PromoteConfig
+from tasks.evaluate import mcnemar_exact
 from tasks.store import Store, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -37,16 +36,6 @@ class Decision:
     b: int | None  # champion right, challenger wrong
     c: int | None  # challenger right, champion wrong
     p_value: float | None
-
-
-def mcnemar_exact(b: int, c: int) -> float:
-    """Two-sided exact McNemar p-value: a binomial test of b successes in b + c trials with p = 1/2."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1))
-    # Exact rational arithmetic: 2**n overflows floats once a test set has thousands of disagreements.
-    return float(min(Fraction(1), Fraction(2 * tail, 2**n)))
 
 
 def decide(

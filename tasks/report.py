@@ -179,6 +179,15 @@ def judge_claim(rows: list[dict[str, Any]], level: str) -> tuple[bool | None, st
     return held, verdict + ci
 
 
+def paired_sentence(pairs: list[dict[str, Any]]) -> str:
+    """McNemar's exact test on the same test images, in words."""
+    if not pairs:
+        return ""
+    parts = [f"{p['models'][0]} vs {p['models'][1]}: p = {p['p_value']:.2g} ({p['models'][0]} alone right on "
+             f"{p['only_first_right']} images, {p['models'][1]} alone on {p['only_second_right']})" for p in pairs]
+    return " Paired McNemar exact test on the same test images: " + "; ".join(parts) + "."
+
+
 def claim_section(metrics: dict[str, Any]) -> tuple[list[Block], list[dict[str, Any]], bool | None]:
     """The claim table and its verdict."""
     level = f"{round(100 * metrics.get('confidence', 0.95))} %"
@@ -194,10 +203,10 @@ def claim_section(metrics: dict[str, Any]) -> tuple[list[Block], list[dict[str, 
         Paragraph("The notebook claims that a classifier built on the pretrained autoencoder beats both an ANN "
                   "of the same shape trained from random weights and a softmax regression on raw pixels."),
         table,
-        Paragraph(verdict),
+        Paragraph(verdict + paired_sentence(metrics.get("paired", []))),
         Paragraph(f"Accuracy on {n} test images; {method} intervals. Non-overlapping intervals are a conservative "
-                  "sign of a difference; a paired test on the same images (predictions.npz of the evaluate "
-                  "stage) is sharper."),
+                  "sign of a difference; the paired test, which compares the models image by image, is sharper "
+                  "(p below 0.05: the difference is unlikely to be noise)."),
     ]
     return blocks, rows, held
 

@@ -245,3 +245,19 @@ def test_run_refuses_to_deserialise_code(trained, tmp_path):
     keras.Sequential([keras.Input((784,)), layers.Lambda(lambda t: t[:, :10])]).save(path)
     with pytest.raises(ValueError, match="safe_mode"):
         evaluate.run(EvaluateConfig(), SPLIT, data_dir, {"softmax": path}, tmp_path)
+
+
+def test_paired_counts_who_is_right_alone_and_tests_it():
+    y = np.arange(10)
+    predicted = {
+        "pretrained": y.copy(),
+        "ann": np.array([0, 1, 2, 3, 4, 5, 6, 0, 0, 0]),  # wrong on 7, 8, 9
+        "softmax": np.array([9, 1, 2, 3, 4, 5, 6, 0, 0, 0]),  # also wrong on 0
+    }
+    rows = evaluate.paired(y, predicted)
+    # pretrained alone right on 3 images, ann alone on none: two-sided exact p = 2 * (1/2)**3 = 0.25
+    assert rows[0] == {"models": ["pretrained", "ann"], "only_first_right": 3, "only_second_right": 0,
+                       "p_value": 0.25}
+    # ann alone right on 1 image: p = 2 * 1/2 = 1.0; there is no probe, so no third pair
+    assert rows[1] == {"models": ["ann", "softmax"], "only_first_right": 1, "only_second_right": 0, "p_value": 1.0}
+    assert len(rows) == 2

@@ -280,3 +280,13 @@ def test_rendering_failures(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps([{"kind": "video", "path": "x"}]))
     with pytest.raises(ValueError, match="unknown block kind"):
         document.load_blocks(tmp_path / "bad.json")
+
+
+def test_claim_verdict_quotes_the_paired_test():
+    metrics = {**_metrics({"softmax": 3, "ann": 2, "pretrained": 1}),
+               "paired": [{"models": ["pretrained", "ann"], "only_first_right": 12, "only_second_right": 3,
+                           "p_value": 0.035}]}
+    blocks, _, held = report.claim_section(metrics)
+    text = " ".join(b.text for b in blocks if isinstance(b, document.Paragraph))
+    assert held is True
+    assert "pretrained vs ann: p = 0.035 (pretrained alone right on 12 images, ann alone on 3)" in text
