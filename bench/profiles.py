@@ -30,8 +30,9 @@ def run_profile(profile: str, store: Path) -> dict:
     metrics = json.loads((Path(stages["evaluate"]["path"]) / "metrics.json").read_text())
     accuracy = {m: metrics["models"][m]["accuracy"] for m in MODELS if m in metrics["models"]}
     summary = stages["report"]["summary"]
+    paired = {" vs ".join(p["models"]): p["p_value"] for p in metrics.get("paired", [])}
     return {"wall_s": wall, "stages": {s: r["duration_s"] for s, r in stages.items()}, "accuracy": accuracy,
-            "claim_held": summary.get("claim_held"), "loss_vs_notebook": summary.get("pretrain_mean_rel_diff"),
+            "claim_held": summary.get("claim_held"), "paired_p": paired, "loss_vs_notebook": summary.get("pretrain_mean_rel_diff"),
             "epochs": {s: stages[s]["summary"].get("epochs_run") for s in ("pretrain", "finetune")}}
 
 
@@ -49,6 +50,9 @@ def to_markdown(results: dict[str, dict]) -> str:
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     lines.append("| claim held (pretrained > ANN > softmax) | "
                  + " | ".join(str(r["claim_held"]) for r in results.values()) + " |")
+    for pair in ("pretrained vs ann", "ann vs softmax"):
+        lines.append(f"| {pair}, McNemar exact p | " + " | ".join(
+            f"{r['paired_p'][pair]:.2g}" if pair in r["paired_p"] else "-" for r in results.values()) + " |")
     lines.append("| pretraining loss vs the notebook's log, epochs 1-36 (mean relative difference) | " + " | ".join(
         "-" if r["loss_vs_notebook"] is None else f"{r['loss_vs_notebook']:.1%}" for r in results.values()) + " |")
     lines.append("| epochs run (pretrain / fine-tune) | " + " | ".join(
