@@ -32,7 +32,8 @@ def run_profile(profile: str, store: Path) -> dict:
     summary = stages["report"]["summary"]
     paired = {" vs ".join(p["models"]): p["p_value"] for p in metrics.get("paired", [])}
     return {"wall_s": wall, "stages": {s: r["duration_s"] for s, r in stages.items()}, "accuracy": accuracy,
-            "claim_held": summary.get("claim_held"), "paired_p": paired, "loss_vs_notebook": summary.get("pretrain_mean_rel_diff"),
+            "claim_held": summary.get("claim_held"), "paired_p": paired,
+            "loss_vs_notebook": summary.get("pretrain_mean_rel_diff"),
             "epochs": {s: stages[s]["summary"].get("epochs_run") for s in ("pretrain", "finetune")}}
 
 
