@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import gzip
 import os
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from tasks.data import Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,3 +39,28 @@ def _isolated(monkeypatch, tmp_path_factory):
 @pytest.fixture
 def store_root(tmp_path) -> Path:
     return tmp_path / "store"
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Parse a gzipped IDX file independently of the project's parser: dims from the header, then uint8 data."""
+    raw = gzip.decompress(path.read_bytes())
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+@pytest.fixture(scope="session")
+def mnist(mnist_mirror) -> Dataset:
+    """All of real MNIST (read-only arrays), parsed independently of the download stage."""
+    return Dataset(*(read_idx(mnist_mirror / f"{name}.gz") for name in (
+        "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")))
+
+
+@pytest.fixture(scope="session")
+def mnist_head(mnist) -> Callable[[int, int], Dataset]:
+    """The first `train` training and `test` test images of real MNIST, as a writable Dataset."""
+    def head(train: int, test: int) -> Dataset:
+        return Dataset(mnist.x_train[:train].copy(), mnist.y_train[:train].copy(),
+                       mnist.x_test[:test].copy(), mnist.y_test[:test].copy())
+
+    return head

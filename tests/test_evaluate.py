@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 
 from tasks import evaluate
 from tasks.config import EvaluateConfig
-from tasks.data import Dataset, save_dataset
+from tasks.data import save_dataset
 
 SPLIT = {"validation_size": 500, "train_size": 2500, "test_size": 1000}
 
@@ -111,28 +110,6 @@ def test_best_of_breaks_ties_in_table_order():
 
 # --- the stage on real models -------------------------------------------------------------------------------------
 
-def _read_idx(path: Path, limit: int) -> np.ndarray:
-    with gzip.open(path, "rb") as fh:
-        raw = fh.read()
-    dims = raw[3]
-    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
-    return data[:limit].copy()
-
-
-def _mnist_slice(mirror: Path, directory: Path) -> Path:
-    n_train = SPLIT["validation_size"] + SPLIT["train_size"]
-    ds = Dataset(
-        x_train=_read_idx(mirror / "train-images-idx3-ubyte.gz", n_train),
-        y_train=_read_idx(mirror / "train-labels-idx1-ubyte.gz", n_train),
-        x_test=_read_idx(mirror / "t10k-images-idx3-ubyte.gz", SPLIT["test_size"]),
-        y_test=_read_idx(mirror / "t10k-labels-idx1-ubyte.gz", SPLIT["test_size"]),
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    save_dataset(ds, directory)
-    return directory
-
-
 def _train(layers_: list, x: np.ndarray, y: np.ndarray, path: Path, from_logits: bool = False) -> Path:
     import keras
 
@@ -145,7 +122,7 @@ def _train(layers_: list, x: np.ndarray, y: np.ndarray, path: Path, from_logits:
 
 
 @pytest.fixture(scope="module")
-def trained(mnist_mirror, tmp_path_factory):
+def trained(mnist_head, tmp_path_factory):
     """A real MNIST data artifact and tiny models trained on it for one epoch."""
     root = tmp_path_factory.mktemp("evaluate")
     with pytest.MonkeyPatch.context() as mp:
@@ -155,7 +132,9 @@ def trained(mnist_mirror, tmp_path_factory):
 
         from tasks.data import load_splits
 
-        data_dir = _mnist_slice(mnist_mirror, root / "download")
+        data_dir = root / "download"
+        data_dir.mkdir(parents=True)
+        save_dataset(mnist_head(SPLIT["validation_size"] + SPLIT["train_size"], SPLIT["test_size"]), data_dir)
         s = load_splits(data_dir, SPLIT)
         keras.utils.set_random_seed(0)
         paths = {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
 
 import keras
@@ -15,24 +14,16 @@ from tasks.predict import ImageError, Prediction, predict, prepare
 FORMS = ("rgb_100px", "inverted_jpeg", "rgba_transparent", "uint16", "offcentre_canvas")
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """Parse an IDX file independently of the project's download code."""
-    raw = gzip.decompress(path.read_bytes())
-    dims = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(dims))
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * dims).reshape(shape)
+@pytest.fixture(scope="module")
+def mnist_test(mnist) -> tuple[np.ndarray, np.ndarray]:
+    return mnist.x_test, mnist.y_test
 
 
 @pytest.fixture(scope="module")
-def mnist_test(mnist_mirror) -> tuple[np.ndarray, np.ndarray]:
-    return read_idx(mnist_mirror / "t10k-images-idx3-ubyte.gz"), read_idx(mnist_mirror / "t10k-labels-idx1-ubyte.gz")
-
-
-@pytest.fixture(scope="module")
-def model_file(mnist_mirror, tmp_path_factory) -> Path:
+def model_file(mnist, tmp_path_factory) -> Path:
     """A softmax regression trained for 2 epochs on 3,000 real MNIST training images, saved as .keras."""
-    x = read_idx(mnist_mirror / "train-images-idx3-ubyte.gz")[:3000].reshape(-1, 784) / np.float32(255)
-    y = read_idx(mnist_mirror / "train-labels-idx1-ubyte.gz")[:3000]
+    x = mnist.x_train[:3000].reshape(-1, 784) / np.float32(255)
+    y = mnist.y_train[:3000]
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((784,)), keras.layers.Dense(10, activation="softmax")])
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")

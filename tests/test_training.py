@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 
@@ -26,28 +25,10 @@ def _deterministic():
     tf.config.experimental.enable_op_determinism()
 
 
-def _read_idx(path: Path, count: int) -> np.ndarray:
-    """The first `count` records of a gzipped IDX file, parsed independently of the download stage."""
-    with gzip.open(path, "rb") as fh:
-        raw = fh.read()
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)[:count]
-
-
-def _mnist(mirror: Path, train: int, test: int) -> Dataset:
-    return Dataset(
-        x_train=_read_idx(mirror / "train-images-idx3-ubyte.gz", train),
-        y_train=_read_idx(mirror / "train-labels-idx1-ubyte.gz", train),
-        x_test=_read_idx(mirror / "t10k-images-idx3-ubyte.gz", test),
-        y_test=_read_idx(mirror / "t10k-labels-idx1-ubyte.gz", test),
-    )
-
-
 @pytest.fixture(scope="module")
-def data_dir(mnist_mirror, tmp_path_factory) -> Path:
+def data_dir(mnist_head, tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("data")
-    save_dataset(_mnist(mnist_mirror, 3500, 1000), directory)
+    save_dataset(mnist_head(3500, 1000), directory)
     return directory
 
 
@@ -155,9 +136,9 @@ def test_baselines_write_both_models(data_dir, tmp_path):
     assert len(json.loads((tmp_path / "softmax_history.json").read_text())) == 1
 
 
-def test_early_stopping_restores_the_best_epoch(mnist_mirror, tmp_path):
+def test_early_stopping_restores_the_best_epoch(mnist_head, tmp_path):
     """Training labels shifted by one make validation loss rise after the first epoch, so training must stop."""
-    ds = _mnist(mnist_mirror, 3500, 1000)
+    ds = mnist_head(3500, 1000)
     shifted = ds.y_train.copy()
     shifted[SPLIT["validation_size"]:] = (shifted[SPLIT["validation_size"]:] + 1) % 10
     data = tmp_path / "data"

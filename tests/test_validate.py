@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
@@ -20,24 +19,6 @@ from tasks.validate import EXPECTED_ROWS, ValidationFailed, run, summarize, vali
 
 SMALL = {"train": 2000, "test": 500}
 CFG = ValidateConfig()
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Parse a gzipped IDX file independently of the download stage: magic, dims, then uint8 payload."""
-    raw = gzip.decompress(path.read_bytes())
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
-@pytest.fixture(scope="module")
-def mnist(mnist_mirror) -> Dataset:
-    return Dataset(
-        x_train=read_idx(mnist_mirror / "train-images-idx3-ubyte.gz"),
-        y_train=read_idx(mnist_mirror / "train-labels-idx1-ubyte.gz"),
-        x_test=read_idx(mnist_mirror / "t10k-images-idx3-ubyte.gz"),
-        y_test=read_idx(mnist_mirror / "t10k-labels-idx1-ubyte.gz"),
-    )
 
 
 @pytest.fixture(scope="module")
