@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from flows.pipeline import pipeline
+from tasks.config import load_config
 
 MODELS = ("softmax", "ann", "pretrained", "probe")
 
@@ -75,8 +76,11 @@ def main() -> None:
     parser.add_argument("--profiles", default="seed,default")
     parser.add_argument("--out", default="bench/results.md")
     args = parser.parse_args()
+    profiles = args.profiles.split(",")
+    if without := [p for p in profiles if "evaluate" not in load_config(p).stages]:
+        parser.error(f"profiles without an evaluate stage cannot be compared: {', '.join(without)}")
     results = {}
-    for profile in args.profiles.split(","):
+    for profile in profiles:
         with tempfile.TemporaryDirectory(prefix=f"bench-{profile}-") as store:
             results[profile] = run_profile(profile, Path(store))
         print(json.dumps({profile: results[profile]}, indent=2))

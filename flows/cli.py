@@ -7,9 +7,25 @@ import getpass
 import json
 import sys
 from pathlib import Path
+from typing import get_args
 
-from tasks.config import PROFILES, STAGES, ConfigError, PipelineConfig, load_config, parse_overrides
+from tasks.config import (
+    PROFILES,
+    STAGES,
+    ConfigError,
+    Dataset,
+    PipelineConfig,
+    check_stages,
+    load_config,
+    parse_overrides,
+)
+from tasks.graph import MissingUpstream
+from tasks.idx import DataError
 from tasks.registry import Registry, RegistryError
+from tasks.validate import ValidationFailed
+
+# Errors whose message tells the user what is wrong and where; anything else is a bug and keeps its traceback.
+USER_ERRORS = (RegistryError, MissingUpstream, DataError, ValidationFailed, FileNotFoundError)
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -41,23 +57,28 @@ def _parser() -> argparse.ArgumentParser:
     promote.add_argument("key", help="the fine-tune artifact key of the model (a unique prefix is enough)")
     promote.add_argument("--reason", default="promoted by hand")
     promote.add_argument("--store")
+    promote.add_argument("--dataset", default="mnist", choices=get_args(Dataset))
     rollback = sub.add_parser("rollback", help="make the previous champion the champion again")
     rollback.add_argument("--store")
+    rollback.add_argument("--dataset", default="mnist", choices=get_args(Dataset))
     predict = sub.add_parser("predict", help="classify digit images (PNG/JPEG) with the champion model")
     predict.add_argument("images", nargs="+", type=Path)
     predict.add_argument("--json", action="store_true", help="machine-readable output")
     predict.add_argument("--store")
+    predict.add_argument("--dataset", default="mnist", choices=get_args(Dataset))
     return parser
 
 
 def _config(args: argparse.Namespace) -> PipelineConfig:
-    overrides = parse_overrides(getattr(args, "overrides", []))
-    store = {"store": args.store} if args.store else {}
-    return load_config(getattr(args, "profile", "default"), {**overrides, **store})
+    return load_config(args.profile, parse_overrides(args.overrides), args.store)
+
+
+def _registry(args: argparse.Namespace) -> Registry:
+    return Registry(load_config(store=args.store).store, args.dataset)
 
 
 def _run(args: argparse.Namespace) -> int:
-    _config(args)  # fail on a bad value before any work
+    check_stages(_config(args), args.only, args.force)  # fail on a bad value before any work
     from flows.pipeline import pipeline
 
     result = pipeline(profile=args.profile, overrides=parse_overrides(args.overrides), stages=args.only or None,
@@ -88,7 +109,7 @@ def _who() -> str:
 
 
 def _promote(args: argparse.Namespace) -> int:
-    registry = Registry(_config(args).store)
+    registry = _registry(args)
     matches = [key for key in registry.candidates() if key.startswith(args.key)]
     if len(matches) != 1:
         known = ", ".join(k[:12] for k in registry.candidates()) or "none"
@@ -99,7 +120,7 @@ def _promote(args: argparse.Namespace) -> int:
 
 
 def _rollback(args: argparse.Namespace) -> int:
-    champion = Registry(_config(args).store).rollback(by=_who())
+    champion = _registry(args).rollback(by=_who())
     print(f"champion: {champion['key']} (promoted {champion['promoted_at']})")
     return 0
 
@@ -107,10 +128,10 @@ def _rollback(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from tasks.predict import predict
 
-    store = _config(args).store
-    model = Registry(store).champion_model()
+    registry = _registry(args)
+    model = registry.champion_model()
     if model is None:
-        raise RegistryError(f"no champion model in store {store}: run the pipeline first (mnist-ae run)")
+        raise RegistryError(f"no {args.dataset} champion in {registry.store.root}: run the pipeline first")
     results = predict(model, args.images)
     if args.json:
         print(json.dumps([{"path": str(r.path), "digit": r.digit, "probability": r.probability, "error": r.error}
@@ -134,8 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mnist-ae: {exc}", file=sys.stderr)
         return 2
-    except RegistryError as exc:
+    except USER_ERRORS as exc:
         print(f"mnist-ae: {exc}", file=sys.stderr)
+        for note in getattr(exc, "__notes__", []):
+            print(f"mnist-ae: {note}", file=sys.stderr)
         return 1
 
 

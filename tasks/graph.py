@@ -53,14 +53,14 @@ def _model_paths(refs: Refs) -> dict[str, Path]:
 
 def _run_info(config: PipelineConfig, refs: Refs) -> dict[str, Any]:
     return {
-        "config": _reported_config(config),
+        "config": reported_config(config),
         "data_fingerprint": data_fingerprint(config),
         "stages": {s: {"key": r.key, "cached": r.cached, "duration_s": r.duration_s,
                        "code_version": code_version(SPECS[s].modules)} for s, r in refs.items()},
     }
 
 
-def _reported_config(config: PipelineConfig) -> dict[str, Any]:
+def reported_config(config: PipelineConfig) -> dict[str, Any]:
     """The config without machine-specific settings, which never change a result."""
     return config.model_dump(mode="json", by_alias=True, exclude={"store": True, "data": {"mirror", "offline"}})
 
@@ -111,8 +111,8 @@ SPECS: dict[Stage, StageSpec] = {
     ),
     "report": StageSpec(
         upstream=("validate", "pretrain", "finetune", "baselines", "evaluate"),
-        modules=("tasks.report", "tasks.evaluate"),
-        section=lambda c: {"config": _reported_config(c)},
+        modules=("tasks.report", "tasks.document", "tasks.evaluate", "tasks.models"),
+        section=lambda c: {"config": reported_config(c)},
         run=lambda c, refs, out, progress: report.run(
             c.report, {s: _dir(refs, s) for s in refs}, _run_info(c, refs), out),
     ),
@@ -151,6 +151,25 @@ def plan(config: PipelineConfig, store: Store) -> list[Step]:
         cached = store.path(stage, key).exists() and verify(store.path(stage, key), key) is None
         steps.append(Step(stage, key, inputs, cached, "" if cached else why_missing(store, stage, inputs)))
     return steps
+
+
+class MissingUpstream(RuntimeError):
+    """A stage was asked to run alone but an artifact it needs is not in the store."""
+
+
+def upstream_refs(
+    steps: list[Step], only: set[str], store: Store, config: PipelineConfig
+) -> dict[str, ArtifactRef]:
+    """Store artifacts that the selected stages need but do not compute themselves."""
+    needed = {u for s in only for u in upstream_of(config, s)} - only  # type: ignore[arg-type]
+    refs = {s.stage: store.load(s.stage, s.key) for s in steps if s.stage in needed}
+    if missing := [s for s in steps if s.stage in needed and refs[s.stage] is None]:
+        raise MissingUpstream(
+            f"{', '.join(sorted(only))} needs stages that are not in {store.root}: "
+            + "; ".join(f"{s.stage} ({s.reason})" for s in missing)
+            + f". Run them first (mnist-ae run --only {','.join(s.stage for s in missing)}) or run without --only."
+        )
+    return {stage: ref for stage, ref in refs.items() if ref is not None}
 
 
 def why_missing(store: Store, stage: str, inputs: dict[str, Any]) -> str:

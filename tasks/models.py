@@ -257,12 +257,6 @@ def _maybe_float(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def check_validation(cfg: TrainConfig, split: dict[str, int | None]) -> None:
-    """Fail before any work when early stopping is asked for without a validation split to watch."""
-    if cfg.early_stopping_patience is not None and not split.get("validation_size"):
-        raise ValueError("early stopping needs a validation split (validation_size > 0)")
-
-
 def fit(model: keras.Model, x: np.ndarray, y: np.ndarray, validation: tuple[np.ndarray, np.ndarray] | None,
         cfg: TrainConfig, progress: Progress | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Train a compiled model; return its per-epoch history rows and a summary of the run."""
@@ -281,18 +275,22 @@ def fit(model: keras.Model, x: np.ndarray, y: np.ndarray, validation: tuple[np.n
 
 
 def summarize(rows: list[dict[str, Any]], seconds: float, restored: bool) -> dict[str, Any]:
-    """The epoch count, the final row's values and, when best weights were restored, the epoch they came from."""
+    """The epoch count and the values of the epoch whose weights were kept: the last, or the best when restored."""
     if not rows:
         raise ValueError("training ran no epoch")
-    last = rows[-1]
+    kept = best_row(rows) if restored else rows[-1]
     summary: dict[str, Any] = {"epochs_run": len(rows), "seconds": round(seconds, 2)}
-    summary.update({k: v for k, v in last.items() if k not in ("epoch", "seconds")})
+    summary.update({k: v for k, v in kept.items() if k not in ("epoch", "seconds")})
     if restored:
-        # EarlyStopping restores the weights of the lowest val_loss at the end of training.
-        best = min(rows, key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf)
-        summary["best_epoch"] = best["epoch"]
-        summary["best_val_loss"] = best["val_loss"]
+        summary["best_epoch"] = kept["epoch"]
+        summary["best_val_loss"] = kept["val_loss"]
     return summary
+
+
+def best_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The epoch of the lowest validation loss, whose weights EarlyStopping restores at the end of training."""
+    return min(rows, key=lambda r: r["val_loss"] if r.get("val_loss") is not None and math.isfinite(r["val_loss"])
+               else math.inf)
 
 
 def write_history(rows: list[dict[str, Any]], path: Path) -> Path:

@@ -17,7 +17,6 @@ from tasks.models import (
     RECONSTRUCTION_LOSS,
     Progress,
     build_autoencoder,
-    check_validation,
     compile_model,
     fit,
     write_history,
@@ -38,7 +37,6 @@ def run(cfg: PretrainConfig, split: dict[str, int | None], data_dir: Path, out: 
     Writes `autoencoder.keras`, `history.json` (one row per epoch; `loss_last_batch` is what the notebook
     printed) and `reconstruction.png` (ten test digits above their reconstructions) into `out`.
     """
-    check_validation(cfg, split)
     data = load_splits(data_dir, split)
     validation = (data.x_val, data.x_val) if len(data.x_val) else None
     model = build_autoencoder(cfg)

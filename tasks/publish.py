@@ -16,7 +16,7 @@ from tasks import document, history, report
 from tasks.config import PipelineConfig
 from tasks.data import load_splits
 from tasks.evaluate import METRICS_FILE, load_predictions, predict_with
-from tasks.graph import data_fingerprint
+from tasks.graph import data_fingerprint, reported_config
 from tasks.models import MODEL_FILES
 from tasks.registry import Decision, Registry, decide
 from tasks.store import ArtifactRef, Store, key_of, verify
@@ -50,19 +50,20 @@ def _champion_correct(store: Store, champion: dict[str, Any], config: PipelineCo
 
 def promote(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef], flow_run_id: str | None,
             validated: bool) -> Decision:
-    """Score this run's model against the champion and promote it when the configured rule says so."""
-    registry = Registry(store.root)
+    """Score this run's model against the dataset's champion and promote it when the configured rule says so."""
     challenger = candidate(config, refs)
-    champion = registry.champion()
     correct = load_predictions(refs["evaluate"].path).correct(CHALLENGER)
-    if champion and champion["key"] == challenger["key"]:
-        acc = float(correct.mean())
-        return Decision(False, f"this run's model {challenger['key'][:12]} is already the champion",
-                        acc, acc, 0, 0, 1.0)
-    champion_correct = None if champion is None else _champion_correct(store, champion, config, refs)
-    decision = decide(champion_correct, correct, config.promote, validation_passed=validated)
-    registry.record_decision(challenger, decision, flow_run_id)
-    return decision
+
+    def judge(champion: dict[str, Any] | None) -> Decision:
+        if champion and champion["key"] == challenger["key"]:
+            acc = float(correct.mean())
+            return Decision(False, f"this run's model {challenger['key'][:12]} is already the champion",
+                            acc, acc, 0, 0, 1.0)
+        champion_correct = None if champion is None else _champion_correct(store, champion, config, refs)
+        return decide(champion_correct, correct, config.promote, validation_passed=validated)
+
+    event = Registry(store.root, config.data.dataset).record_decision(challenger, judge, flow_run_id)
+    return Decision(**event["decision"])
 
 
 def record(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef], decision: Decision | None,
@@ -72,8 +73,9 @@ def record(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef], d
     return history.append(store.root, {
         "flow_run_id": flow_run_id,
         "profile": config.profile,
+        "dataset": config.data.dataset,
         "data_fingerprint": data_fingerprint(config),
-        "config_hash": key_of(config.model_dump(mode="json", by_alias=True, exclude={"store", "data"}))[:16],
+        "config_hash": key_of(reported_config(config))[:16],
         "stages": {s: {"cached": r.cached, "duration_s": round(r.duration_s, 3)} for s, r in refs.items()},
         "accuracy": accuracy,
         "promotion": None if decision is None else {"promote": decision.promote, "reason": decision.reason},
@@ -82,7 +84,10 @@ def record(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef], d
 
 def run_section(refs: dict[str, ArtifactRef], decision: Decision | None, records: list[dict[str, Any]],
                 out: Path, flow_run_id: str | None) -> list[document.Block]:
-    """The report blocks that change with every run: stage outcomes, promotion decision, trend."""
+    """The report blocks that change with every run: stage outcomes, promotion decision, trend.
+
+    `records` are the past runs comparable with this one (same profile and dataset), oldest first.
+    """
     stamp = datetime.now(UTC).isoformat(timespec="seconds")
     blocks: list[document.Block] = [
         document.Heading("This run"),
@@ -90,10 +95,13 @@ def run_section(refs: dict[str, ArtifactRef], decision: Decision | None, records
         document.Table(("Stage", "Result", "Seconds", "Key"), tuple(
             (s, "cached" if r.cached else "computed", f"{r.duration_s:.1f}", r.key[:12]) for s, r in refs.items())),
     ]
-    if decision is not None:
+    blocks.append(document.Heading("Promotion decision", 3))
+    if decision is None:
+        blocks.append(document.Paragraph("No model was evaluated in this run (evaluation came from the store or "
+                                         "did not run), so the champion was not challenged."))
+    else:
         verdict = "promoted to champion" if decision.promote else "not promoted"
-        blocks += [document.Heading("Promotion decision", 3), document.Paragraph(f"This run's model was {verdict}: "
-                                                                             f"{decision.reason}.")]
+        blocks.append(document.Paragraph(f"This run's model was {verdict}: {decision.reason}."))
     if records:
         blocks += [document.Heading("Trend over past runs", 3),
                    document.Paragraph(f"Accuracy of the pretrained model over recent runs is "
@@ -104,7 +112,7 @@ def run_section(refs: dict[str, ArtifactRef], decision: Decision | None, records
     return blocks
 
 
-def run_report(store: Store, refs: dict[str, ArtifactRef], decision: Decision | None,
+def run_report(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef], decision: Decision | None,
                flow_run_id: str | None) -> dict[str, Path]:
     """Write this run's report (the report stage's, plus the run section) under `<store>/runs/`, atomically."""
     report_dir = Path(refs["report"].path)
@@ -112,7 +120,9 @@ def run_report(store: Store, refs: dict[str, ArtifactRef], decision: Decision | 
     staging = store.root / RUNS_DIR / f".{name}.tmp"
     staging.mkdir(parents=True)
     blocks = document.load_blocks(report_dir / document.BLOCKS_FILE)
-    blocks += run_section(refs, decision, history.read(store.root), staging, flow_run_id)
+    comparable = [r for r in history.read(store.root)
+                  if r.get("profile") == config.profile and r.get("dataset", "mnist") == config.data.dataset]
+    blocks += run_section(refs, decision, comparable, staging, flow_run_id)
     document.render(blocks, staging, report.REPORT_NAME, assets=report_dir)
     final = store.root / RUNS_DIR / name
     os.replace(staging, final)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,7 +19,7 @@ from tasks.store import Store, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-REGISTRY_FILE = Path("registry") / "registry.json"
+REGISTRY_DIR = "registry"
 
 
 class RegistryError(RuntimeError):
@@ -89,15 +90,16 @@ def _now() -> str:
 
 
 class Registry:
-    """`<store root>/registry/registry.json`: the champion and an append-only history of events.
+    """`<store root>/registry/<dataset>.json`: a dataset's champion and an append-only history of events.
 
-    Every change happens under the store's "registry" lock and replaces the file atomically,
-    so concurrent flow runs never lose each other's events.
+    Every change (and every promotion decision, which reads the champion) happens under the store's
+    lock for this file and replaces it atomically, so concurrent flow runs never lose each other's events.
     """
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], dataset: str = "mnist") -> None:
         self.store = Store(root)
-        self.path = self.store.root / REGISTRY_FILE
+        self.path = self.store.root / REGISTRY_DIR / f"{dataset}.json"
+        self._lock = f"registry-{dataset}"
 
     def champion(self) -> dict[str, Any] | None:
         return self._read()["champion"]
@@ -114,11 +116,18 @@ class Registry:
         """Every model ever evaluated or promoted, by key (latest record wins)."""
         return {e["candidate"]["key"]: e["candidate"] for e in self.history() if "candidate" in e}
 
-    def record_decision(self, candidate: dict[str, Any], decision: Decision, flow_run_id: str | None) -> dict[str, Any]:
-        """Log an evaluated decision and promote the candidate when the decision says so; return the event."""
-        event = {"event": "promote" if decision.promote else "reject", "at": _now(), "by": flow_run_id,
-                 "reason": decision.reason, "candidate": self._normalise(candidate), "decision": asdict(decision)}
-        return self._apply(event, promote=decision.promote)
+    def record_decision(self, candidate: dict[str, Any], judge: Callable[[dict[str, Any] | None], Decision],
+                        flow_run_id: str | None) -> dict[str, Any]:
+        """Judge the candidate against the current champion and record the outcome, as one locked step.
+
+        Holding the lock while judging means two runs finishing together are compared one after the
+        other, so the second is judged against the first's promotion, not the champion both started with.
+        """
+        with self.store.lock(self._lock):
+            decision = judge(self._read()["champion"])
+            event = {"event": "promote" if decision.promote else "reject", "at": _now(), "by": flow_run_id,
+                     "reason": decision.reason, "candidate": self._normalise(candidate), "decision": asdict(decision)}
+            return self._apply_locked(event, promote=decision.promote)
 
     def promote(self, key: str, candidate: dict[str, Any] | None, by: str, reason: str) -> dict[str, Any]:
         """Manual override: make `key` champion whatever the rule says (candidate looked up when None)."""
@@ -133,7 +142,7 @@ class Registry:
 
     def rollback(self, by: str) -> dict[str, Any]:
         """Make the previous champion the champion again and return the new champion."""
-        with self.store.lock("registry"):
+        with self.store.lock(self._lock):
             state = self._read()
             lineage = _lineage(state["history"])
             if len(lineage) < 2:
@@ -149,12 +158,15 @@ class Registry:
         return state["champion"]
 
     def _apply(self, event: dict[str, Any], promote: bool) -> dict[str, Any]:
-        with self.store.lock("registry"):
-            state = self._read()
-            if promote:
-                state["champion"] = _champion(event)
-            state["history"].append(event)
-            write_json_atomic(self.path, state)
+        with self.store.lock(self._lock):
+            return self._apply_locked(event, promote)
+
+    def _apply_locked(self, event: dict[str, Any], promote: bool) -> dict[str, Any]:
+        state = self._read()
+        if promote:
+            state["champion"] = _champion(event)
+        state["history"].append(event)
+        write_json_atomic(self.path, state)
         log.info("registry: %s %s (%s)", event["event"], event["candidate"]["key"][:12], event["reason"])
         return event
 

@@ -26,6 +26,7 @@ from tasks.document import (
     render,
 )
 from tasks.evaluate import METRICS_FILE, ordered
+from tasks.models import best_row
 
 log = logging.getLogger(__name__)
 
@@ -237,12 +238,12 @@ def pretrain_section(pretrain_dir: Path, pretrain_cfg: dict[str, Any] | None,
     comparable = notebook_comparable(pretrain_cfg)
     difference = None
     if history:
-        last = history[-1]
+        kept, which = _kept(history, bool((pretrain_cfg or {}).get("early_stopping_patience")))
         facts = [f"{len(history)} epochs"]
         for key, label in (("loss_last_batch", "last mini-batch loss"), ("loss_mean", "epoch-mean loss"),
                            ("val_loss", "validation loss")):
-            if last.get(key) is not None:
-                facts.append(f"final {label} {last[key]:.6f}")
+            if kept.get(key) is not None:
+                facts.append(f"{which} {label} {kept[key]:.6f}")
         blocks.append(Paragraph("This run: " + ", ".join(facts) + "."))
         blocks.append(Image(plot_pretrain_loss(history, out / "pretrain_loss.png").name, "Pretraining loss per epoch",
                             "Reconstruction loss per epoch (log scale); dots: the notebook's printed log."))
@@ -292,19 +293,27 @@ def _loss_table(history: list[dict[str, Any]]) -> Table:
     return Table(("Epoch", "Notebook", "This run", "Difference"), tuple(rows))
 
 
+def _kept(rows: list[dict[str, Any]], restored: bool) -> tuple[dict[str, Any], str]:
+    """The epoch whose weights the saved model has, and how to call it."""
+    if not restored:
+        return rows[-1], "final"
+    best = best_row(rows)
+    return best, f"kept (epoch {best['epoch']}, lowest validation loss)"
+
+
 def training_section(title: str, text: str, histories: dict[str, list[dict[str, Any]] | None],
-                     out: Path, file: str) -> list[Block]:
-    """Loss and accuracy curves of one training stage, with each model's final validation accuracy."""
+                     out: Path, file: str, restored: bool = False) -> list[Block]:
+    """Loss and accuracy curves of one training stage, with each saved model's validation accuracy."""
     present = {n: h for n, h in histories.items() if h}
     if not present:
         return [Heading(title), Paragraph("The training history is missing.")]
     finals = []
     for name, rows in present.items():
-        last = rows[-1]
-        acc = last.get("val_accuracy") if last.get("val_accuracy") is not None else last.get("accuracy")
-        which = "validation" if last.get("val_accuracy") is not None else "training"
+        kept, label = _kept(rows, restored)
+        acc = kept.get("val_accuracy") if kept.get("val_accuracy") is not None else kept.get("accuracy")
+        which = "validation" if kept.get("val_accuracy") is not None else "training"
         if acc is not None:
-            finals.append(f"{name}: {len(rows)} epochs, final {which} accuracy {_pct(acc)}")
+            finals.append(f"{name}: {len(rows)} epochs, {label} {which} accuracy {_pct(acc)}")
     blocks: list[Block] = [Heading(title), Paragraph(text)]
     if finals:
         blocks.append(Bullets(tuple(finals)))
@@ -362,6 +371,10 @@ def metadata_section(run_info: dict[str, Any]) -> list[Block]:
     return blocks
 
 
+def _early_stopped(config: dict[str, Any], stage: str) -> bool:
+    return bool((config.get(stage) or {}).get("early_stopping_patience"))
+
+
 def run(cfg: ReportConfig, inputs: dict[str, Path], run_info: dict[str, Any], out: Path) -> dict[str, Any]:
     """Write `report.md`, `report.html`, `blocks.json`, `accuracy.json` and the figures into `out`.
 
@@ -389,12 +402,14 @@ def run(cfg: ReportConfig, inputs: dict[str, Path], run_info: dict[str, Any], ou
         blocks += training_section(
             "Fine-tuning", "The encoder with a softmax head, trained on the labels.",
             {"fine-tuned": _read_json(inputs["finetune"] / "history.json"),
-             "probe": _read_json(inputs["finetune"] / "probe_history.json")}, out, "finetune_curves.png")
+             "probe": _read_json(inputs["finetune"] / "probe_history.json")}, out, "finetune_curves.png",
+            _early_stopped(config, "finetune"))
     if "baselines" in inputs:
         blocks += training_section(
             "Baselines", "The same classifiers without pretraining.",
             {"softmax": _read_json(inputs["baselines"] / "softmax_history.json"),
-             "ann": _read_json(inputs["baselines"] / "ann_history.json")}, out, "baselines_curves.png")
+             "ann": _read_json(inputs["baselines"] / "ann_history.json")}, out, "baselines_curves.png",
+            _early_stopped(config, "baselines"))
     if metrics:
         blocks += confusion_section(metrics, out)
     if "validate" in inputs:

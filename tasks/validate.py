@@ -331,13 +331,12 @@ def validate_frame(frame: pd.DataFrame, cfg: ValidateConfig, dataset: str, out: 
     return summary
 
 
-def run(cfg: ValidateConfig, data_dir: Path, dataset: str, out: Path,
-        expected_rows: Mapping[str, int] | None = None) -> dict[str, Any]:
+def run(cfg: ValidateConfig, data_dir: Path, dataset: str, out: Path) -> dict[str, Any]:
     """Stage entry point: load the data artifact in `data_dir`, summarize it per image and validate it into `out`."""
     started = time.perf_counter()
     frame = summarize(load_dataset(data_dir))
     summarized = time.perf_counter()
-    summary = validate_frame(frame, cfg, dataset, out, expected_rows)
+    summary = validate_frame(frame, cfg, dataset, out)
     log.info("validated %s: %d images in %.1f s (summary %.1f s)", dataset, len(frame),
              time.perf_counter() - started, summarized - started)
     return summary

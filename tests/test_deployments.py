@@ -278,7 +278,7 @@ def scheduled_runs(client: SyncPrefectClient, deployment_id: UUID, timeout: floa
 
 
 def read_champion(store: Path) -> dict[str, Any] | None:
-    return json.loads((store / "registry" / "registry.json").read_text())["champion"]
+    return json.loads((store / "registry" / "mnist.json").read_text())["champion"]
 
 
 def read_history(store: Path) -> list[dict[str, Any]]:

@@ -271,7 +271,8 @@ def test_a_keras_cache_of_the_wrong_shape_is_rejected(fetched, monkeypatch):
 
 def test_fashion_mnist_skips_the_keras_cache(tmp_path):
     labels = [label for label, _, _ in list_sources(DataConfig(dataset="fashion-mnist", mirror=tmp_path))]
-    assert labels == [f"local mirror {tmp_path}", *download.MIRROR_URLS["fashion-mnist"]]
+    packaged = f"packaged copy {DEFAULT_MIRRORS['fashion-mnist']}"
+    assert labels == [f"local mirror {tmp_path}", packaged, *download.MIRROR_URLS["fashion-mnist"]]
 
 
 FASHION_PAYLOAD_MD5 = {  # as published with the Fashion-MNIST archives, after gunzip
@@ -292,12 +293,19 @@ def fashion_dir() -> Path:
 
 def test_fashion_mnist_comes_from_the_debian_package_by_default(fashion_dir):
     ds, description = fetch(DataConfig(dataset="fashion-mnist", offline=True))
-    assert description["source"] == f"local mirror {fashion_dir}"
+    assert description["source"] == f"packaged copy {fashion_dir}"
     assert description["payload_sha256"] == PAYLOAD_SHA256["fashion-mnist"]
     assert {n: hashlib.md5(_payload(fashion_dir, n)).hexdigest() for n in NAMES} == FASHION_PAYLOAD_MD5
     assert np.bincount(ds.y_train).tolist() == [6000] * 10 and np.bincount(ds.y_test).tolist() == [1000] * 10
 
 
-def test_mnist_files_are_not_taken_for_fashion_mnist(mnist_mirror):
+def test_mnist_files_are_not_taken_for_fashion_mnist(mnist_mirror, monkeypatch, tmp_path):
+    monkeypatch.setitem(DEFAULT_MIRRORS, "fashion-mnist", tmp_path / "not-installed")
     with pytest.raises(DataError, match=r"local mirror .*: train-images-idx3-ubyte.gz: payload SHA-256 ba891046"):
         fetch(DataConfig(dataset="fashion-mnist", mirror=mnist_mirror, offline=True))
+
+
+def test_fashion_mnist_is_found_while_the_mirror_holds_mnist(fashion_dir, mnist_mirror):
+    """MNIST_MIRROR set for MNIST must not hide the packaged Fashion-MNIST."""
+    _, description = fetch(DataConfig(dataset="fashion-mnist", mirror=mnist_mirror, offline=True))
+    assert description["source"] == f"packaged copy {fashion_dir}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,10 +23,11 @@ from prefect.client.schemas.filters import (
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.cli import main as cli
-from flows.pipeline import ACCURACY_ARTIFACT, REPORT_ARTIFACT, MissingUpstream, pipeline
-from flows.stages import stage_task
+from flows.pipeline import pipeline
+from flows.stages import ACCURACY_ARTIFACT, REPORT_ARTIFACT, stage_task
 from tasks import download, graph, history
 from tasks.config import load_config
+from tasks.graph import MissingUpstream
 from tasks.registry import Registry
 from tasks.store import Store
 
@@ -104,7 +106,9 @@ def test_first_model_becomes_champion_and_run_is_recorded(first, store):
 
 
 def test_second_run_is_all_cached(first, store):
+    decisions = len(Registry(store).history())
     second = run(store)
+    assert second["decision"] is None and len(Registry(store).history()) == decisions  # nothing new to judge
     states = task_states(second["flow_run_id"])
     assert {s: states[s] for s in ALL} == {s: "Cached" for s in ALL}
     assert all(s["cached"] for s in second["stages"].values())
@@ -252,7 +256,7 @@ def test_predict_classifies_images_with_the_champion(first, store, tmp_path, mni
 
 def test_predict_without_a_champion_fails_clearly(tmp_path, capsys):
     assert cli(["predict", str(tmp_path / "x.png"), "--store", str(tmp_path / "empty")]) == 1
-    assert "no champion" in capsys.readouterr().err
+    assert "no mnist champion" in capsys.readouterr().err
 
 
 def test_promote_and_rollback_by_hand(first, changed, store, capsys):
@@ -278,3 +282,19 @@ def test_champion_is_rescored_when_the_test_set_changed(first, store):
     decision = event["decision"]
     assert decision["champion_accuracy"] is not None and decision["b"] + decision["c"] <= 1000
     assert history.read(store)[-1]["promotion"]["reason"] == decision["reason"]
+
+
+def test_a_moved_store_keeps_working(first, store, tmp_path):
+    moved = tmp_path / "moved"
+    shutil.copytree(store, moved)
+    result = run(moved)
+    assert all(r["cached"] for r in result["stages"].values())
+    assert all(r["path"].startswith(str(moved)) for r in result["stages"].values())
+
+
+def test_cli_reports_a_missing_upstream_in_one_line(tmp_path, capsys):
+    assert cli(["run", "--profile", "quick", "--store", str(tmp_path / "s"), "--only", "finetune"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mnist-ae: finetune needs stages that are not in") and "Traceback" not in err
+    assert cli(["run", "--profile", "seed-part2", "--store", str(tmp_path / "s"), "--only", "finetune"]) == 2
+    assert "not part of profile 'seed-part2'" in capsys.readouterr().err

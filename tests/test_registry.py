@@ -62,11 +62,11 @@ def test_first_model_is_promoted(store_root):
     decision = decide(None, challenger, CFG, validation_passed=True)
     assert decision.promote and "first model" in decision.reason
     reg = Registry(store_root)
-    reg.record_decision(candidate("a"), decision, "run-1")
+    reg.record_decision(candidate("a"), lambda _: decision, "run-1")
     assert reg.champion()["key"] == "a" * 8
     assert reg.champion()["metrics"] == {"accuracy": 0.95, "n": 1000}
     assert reg.champion()["by"] == "run-1"
-    on_disk = json.loads((store_root / "registry" / "registry.json").read_text())
+    on_disk = json.loads((store_root / "registry" / "mnist.json").read_text())
     assert on_disk["champion"]["key"] == "a" * 8 and len(on_disk["history"]) == 1
 
 
@@ -117,9 +117,9 @@ def test_different_test_sets_are_rejected():
 
 def test_rejected_decision_is_logged_but_keeps_the_champion(store_root):
     reg = Registry(store_root)
-    reg.record_decision(candidate("a"), decide(None, np.ones(10, bool), CFG, True), "run-1")
+    reg.record_decision(candidate("a"), lambda _: decide(None, np.ones(10, bool), CFG, True), "run-1")
     champion, challenger = paired(1000, 30, 20, 920)
-    event = reg.record_decision(candidate("b", 0.94), decide(champion, challenger, CFG, True), "run-2")
+    event = reg.record_decision(candidate("b", 0.94), lambda _: decide(champion, challenger, CFG, True), "run-2")
     assert event["event"] == "reject" and event["decision"]["b"] == 30
     assert reg.champion()["key"] == "a" * 8
     assert [e["event"] for e in reg.history()] == ["promote", "reject"]
@@ -128,9 +128,9 @@ def test_rejected_decision_is_logged_but_keeps_the_champion(store_root):
 
 def test_manual_promote_and_rollback_are_recorded(store_root):
     reg = Registry(store_root)
-    reg.record_decision(candidate("a"), decide(None, np.ones(10, bool), CFG, True), "run-1")
+    reg.record_decision(candidate("a"), lambda _: decide(None, np.ones(10, bool), CFG, True), "run-1")
     champion, challenger = paired(1000, 2, 30, 930)
-    reg.record_decision(candidate("b"), decide(champion, challenger, CFG, True), "run-2")
+    reg.record_decision(candidate("b"), lambda _: decide(champion, challenger, CFG, True), "run-2")
     reg.promote("c" * 8, candidate("c"), by="alice", reason="hotfix model")
     assert reg.champion()["key"] == "c" * 8 and reg.champion()["reason"] == "hotfix model"
 
@@ -143,7 +143,7 @@ def test_manual_promote_and_rollback_are_recorded(store_root):
 
 def test_manual_promote_of_an_evaluated_model_by_key_alone(store_root):
     reg = Registry(store_root)
-    reg.record_decision(candidate("a"), decide(None, np.ones(10, bool), CFG, False), "run-1")
+    reg.record_decision(candidate("a"), lambda _: decide(None, np.ones(10, bool), CFG, False), "run-1")
     assert reg.champion() is None
     reg.promote("a" * 8, None, by="alice", reason="validation was a false alarm")
     assert reg.champion()["key"] == "a" * 8
@@ -155,7 +155,7 @@ def test_rollback_without_previous_champion_errors_clearly(store_root):
     reg = Registry(store_root)
     with pytest.raises(RegistryError, match="no previous champion \\(no champion\\)"):
         reg.rollback(by="bob")
-    reg.record_decision(candidate("a"), decide(None, np.ones(10, bool), CFG, True), "run-1")
+    reg.record_decision(candidate("a"), lambda _: decide(None, np.ones(10, bool), CFG, True), "run-1")
     with pytest.raises(RegistryError, match="no previous champion \\(only champion aaaaaaaa"):
         reg.rollback(by="bob")
     assert reg.champion()["key"] == "a" * 8 and len(reg.history()) == 1
@@ -164,19 +164,19 @@ def test_rollback_without_previous_champion_errors_clearly(store_root):
 def test_absolute_model_path_inside_the_store_is_stored_relative(store_root):
     reg = Registry(store_root)
     absolute = dict(candidate("a"), model_path=str(Path(store_root).resolve() / "finetune" / "m.keras"))
-    reg.record_decision(absolute, decide(None, np.ones(10, bool), CFG, True), None)
+    reg.record_decision(absolute, lambda _: decide(None, np.ones(10, bool), CFG, True), None)
     assert reg.champion()["model_path"] == "finetune/m.keras"
 
 
 def _record_many(root: str, worker: int, count: int) -> None:
     reg = Registry(root)
     for i in range(count):
-        champion, challenger = paired(200, i % 3, (i + worker) % 5, 150)
-        reg.record_decision(candidate(f"{worker}-{i}-"), decide(champion, challenger, CFG, True), f"w{worker}")
+        decision = decide(*paired(200, i % 3, (i + worker) % 5, 150), CFG, True)
+        reg.record_decision(candidate(f"{worker}-{i}-"), lambda _, d=decision: d, f"w{worker}")
 
 
 def test_concurrent_writers_lose_no_history_record(store_root):
-    Registry(store_root).record_decision(candidate("a"), decide(None, np.ones(10, bool), CFG, True), "seed")
+    Registry(store_root).record_decision(candidate("a"), lambda _: decide(None, np.ones(10, bool), CFG, True), "seed")
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_record_many, args=(str(store_root), w, 10)) for w in range(4)]
     for p in procs:
@@ -188,3 +188,23 @@ def test_concurrent_writers_lose_no_history_record(store_root):
     assert len(history) == 41
     by_worker = {k: len(list(g)) for k, g in itertools.groupby(sorted(e["by"] for e in history[1:]))}
     assert by_worker == {"w0": 10, "w1": 10, "w2": 10, "w3": 10}
+
+
+def test_judge_sees_the_champion_at_decision_time(store_root):
+    reg = Registry(store_root)
+    seen = []
+
+    def judge(champion):
+        seen.append(None if champion is None else champion["key"])
+        return decide(None, np.ones(10, bool), CFG, True)
+
+    reg.record_decision(candidate("a"), judge, "run-1")
+    reg.record_decision(candidate("b"), judge, "run-2")
+    assert seen == [None, "a" * 8]
+
+
+def test_each_dataset_has_its_own_champion(store_root):
+    Registry(store_root, "mnist").record_decision(candidate("a"), lambda _: decide(None, np.ones(10, bool), CFG, True),
+                                                  "run-1")
+    assert Registry(store_root, "fashion-mnist").champion() is None
+    assert Registry(store_root, "mnist").champion()["key"] == "a" * 8
