@@ -111,7 +111,8 @@ SPECS: dict[Stage, StageSpec] = {
     ),
     "report": StageSpec(
         upstream=("validate", "pretrain", "finetune", "baselines", "evaluate"),
-        modules=("tasks.report", "tasks.document", "tasks.evaluate", "tasks.models"),
+        modules=("tasks.report", "tasks.document", "tasks.evaluate", "tasks.models", "tasks.pretrain", "tasks.finetune",
+                 "tasks.baselines"),
         section=lambda c: {"config": reported_config(c)},
         run=lambda c, refs, out, progress: report.run(
             c.report, {s: _dir(refs, s) for s in refs}, _run_info(c, refs), out),

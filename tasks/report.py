@@ -14,6 +14,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from tasks import baselines, finetune, pretrain
 from tasks.config import STAGES, ReportConfig
 from tasks.document import (
     Block,
@@ -27,6 +28,7 @@ from tasks.document import (
 )
 from tasks.evaluate import METRICS_FILE, ordered
 from tasks.models import best_row
+from tasks.store import MANIFEST
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +236,7 @@ def pretrain_section(pretrain_dir: Path, pretrain_cfg: dict[str, Any] | None,
                      out: Path) -> tuple[list[Block], float | None]:
     """Loss curve against the notebook's log, the side-by-side table, and the reconstruction figure."""
     blocks: list[Block] = [Heading("Pretraining")]
-    history = _read_json(pretrain_dir / "history.json") or []
+    history = _read_json(pretrain_dir / pretrain.HISTORY_FILE) or []
     comparable = notebook_comparable(pretrain_cfg)
     difference = None
     if history:
@@ -253,7 +255,7 @@ def pretrain_section(pretrain_dir: Path, pretrain_cfg: dict[str, Any] | None,
             blocks.append(_loss_table(history))
     else:
         blocks.append(Paragraph("The pretraining history is missing."))
-    figure = pretrain_dir / "reconstruction.png"
+    figure = pretrain_dir / pretrain.FIGURE_FILE
     if figure.is_file():
         shutil.copyfile(figure, out / figure.name)
         blocks.append(Image(figure.name, "Test digits and their reconstructions",
@@ -344,7 +346,7 @@ def _pct_or_blank(x: float | None) -> str:
 
 def validation_section(validate_dir: Path) -> list[Block]:
     """The validation stage's own summary paragraph."""
-    manifest = _read_json(validate_dir / "manifest.json") or {}
+    manifest = _read_json(validate_dir / MANIFEST) or {}
     paragraph = (manifest.get("summary") or {}).get("paragraph")
     return [Heading("Data validation"), Paragraph(paragraph or "The validation stage left no summary paragraph.")]
 
@@ -401,14 +403,14 @@ def run(cfg: ReportConfig, inputs: dict[str, Path], run_info: dict[str, Any], ou
     if "finetune" in inputs:
         blocks += training_section(
             "Fine-tuning", "The encoder with a softmax head, trained on the labels.",
-            {"fine-tuned": _read_json(inputs["finetune"] / "history.json"),
-             "probe": _read_json(inputs["finetune"] / "probe_history.json")}, out, "finetune_curves.png",
+            {"fine-tuned": _read_json(inputs["finetune"] / finetune.HISTORY_FILE),
+             "probe": _read_json(inputs["finetune"] / finetune.PROBE_HISTORY_FILE)}, out, "finetune_curves.png",
             _early_stopped(config, "finetune"))
     if "baselines" in inputs:
         blocks += training_section(
             "Baselines", "The same classifiers without pretraining.",
-            {"softmax": _read_json(inputs["baselines"] / "softmax_history.json"),
-             "ann": _read_json(inputs["baselines"] / "ann_history.json")}, out, "baselines_curves.png",
+            {"softmax": _read_json(inputs["baselines"] / baselines.SOFTMAX_HISTORY_FILE),
+             "ann": _read_json(inputs["baselines"] / baselines.ANN_HISTORY_FILE)}, out, "baselines_curves.png",
             _early_stopped(config, "baselines"))
     if metrics:
         blocks += confusion_section(metrics, out)
