@@ -23,6 +23,7 @@ run: $(BIN)/mnist-ae
 
 test: $(VENV)/.test-extras
 	$(BIN)/ruff check flows tasks tests bench
+	$(BIN)/mypy
 	MNIST_MIRROR=$(TEST_MIRROR) MNIST_AE_OFFLINE=1 $(BIN)/python -m pytest -q
 
 bench: $(BIN)/mnist-ae

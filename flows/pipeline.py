@@ -6,6 +6,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
+from prefect.states import State
 
 from flows.stages import publish_run, stage_task
 from tasks import graph
@@ -41,7 +42,7 @@ def pipeline(
         if step.stage not in only:
             continue
         forced = step.stage in (force or [])
-        state = stage_task(step, the_store, forced)(step, config, refs, forced, return_state=True)
+        state: State[ArtifactRef] = stage_task(step, the_store, forced)(step, config, refs, forced, return_state=True)
         ref: ArtifactRef = state.result()
         if state.name == "Cached":  # Prefect's stored result may name the store where it was first computed
             ref = ref.model_copy(update={"cached": True, "path": str(the_store.path(step.stage, step.key))})

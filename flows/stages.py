@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
+from uuid import UUID
 
 from prefect import task
 from prefect.artifacts import (
@@ -49,7 +50,8 @@ def _cache_key(context: Any, parameters: dict[str, Any]) -> str:
 def _progress(stage: str) -> tuple[Progress, Any]:
     """Per-epoch log lines and a progress artifact for a training stage; returns the callback and artifact id."""
     logger = get_run_logger()
-    artifact_id = create_progress_artifact(progress=0.0, description=f"{stage}: epochs completed")
+    # Called from a sync task, so Prefect returns the id itself, not a coroutine.
+    artifact_id = cast(UUID, create_progress_artifact(progress=0.0, description=f"{stage}: epochs completed"))
 
     def report(epoch: int, epochs: int, logs: dict[str, float]) -> None:
         metrics = " ".join(f"{k}={v:.4f}" for k, v in logs.items() if isinstance(v, int | float))
@@ -71,7 +73,9 @@ def run_stage(step: graph.Step, config: PipelineConfig, refs: dict[str, Artifact
     return ref
 
 
-def stage_task(step: graph.Step, store: Store, force: bool) -> Task[Any, ArtifactRef]:
+def stage_task(
+    step: graph.Step, store: Store, force: bool
+) -> Task[[graph.Step, PipelineConfig, dict[str, ArtifactRef], bool], ArtifactRef]:
     """The task for one planned stage: Prefect's cache is refreshed whenever the store lacks the artifact."""
     return run_stage.with_options(
         name=step.stage,

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from tasks.config import BaselinesConfig
+from tasks.config import BaselinesConfig, SplitSpec
 from tasks.data import load_splits
 from tasks.models import (
     CLASSIFICATION_LOSS,
@@ -27,7 +27,7 @@ SOFTMAX_HISTORY_FILE = "softmax_history.json"
 ANN_HISTORY_FILE = "ann_history.json"
 
 
-def run(cfg: BaselinesConfig, split: dict[str, int | None], data_dir: Path, out: Path,
+def run(cfg: BaselinesConfig, split: SplitSpec, data_dir: Path, out: Path,
         progress: Progress | None = None, *, hidden: tuple[int, ...], activation: str) -> dict[str, Any]:
     """Train softmax regression and a randomly initialised 784-hidden-10 network with the same settings.
 

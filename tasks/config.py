@@ -6,7 +6,7 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 from pydantic import (
     BaseModel,
@@ -31,6 +31,14 @@ MIRROR_ENV = "MNIST_MIRROR"
 OFFLINE_ENV = "MNIST_AE_OFFLINE"
 STORE_ENV = "MNIST_AE_STORE"
 TRAINING_IMAGES = 60_000  # in MNIST and Fashion-MNIST alike
+
+
+class SplitSpec(TypedDict):
+    """`DataConfig.split()`: the keyword arguments of `tasks.data.split`."""
+
+    validation_size: int
+    train_size: int | None
+    test_size: int | None
 
 
 class ConfigError(ValueError):
@@ -58,7 +66,7 @@ class DataConfig(_Section):
             raise ValueError(f"{v} is not a readable directory")
         return v
 
-    def split(self) -> dict[str, int | None]:
+    def split(self) -> SplitSpec:
         """The fields that decide which images the model stages see."""
         return {"validation_size": self.validation_size, "train_size": self.train_size, "test_size": self.test_size}
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.config import SplitSpec
+
 DATA_FILE = "data.npz"
 
 
@@ -61,6 +63,6 @@ def split(ds: Dataset, validation_size: int, train_size: int | None = None, test
     )
 
 
-def load_splits(directory: str | Path, split_cfg: dict[str, int | None]) -> Splits:
+def load_splits(directory: str | Path, split_cfg: SplitSpec) -> Splits:
     """Load the data artifact in `directory` and split it by a `DataConfig.split()` mapping."""
     return split(load_dataset(directory), **split_cfg)

@@ -9,6 +9,7 @@ import base64
 import html
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,7 @@ def _md_cell(text: str) -> str:
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
-def to_markdown(blocks: list[Block]) -> str:
+def to_markdown(blocks: Sequence[Block]) -> str:
     """GitHub-flavoured Markdown; images stay links to the files next to it."""
     parts = []
     for b in blocks:

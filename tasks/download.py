@@ -106,7 +106,9 @@ def run(cfg: DataConfig, out: Path) -> dict[str, Any]:
 
 def list_sources(cfg: DataConfig) -> list[tuple[str, Callable[[], Loaded], bool]]:
     """(label, loader, is it remote) for each source to try, in order."""
-    sources = [(f"local mirror {cfg.mirror or ''}".strip(), partial(read_mirror, cfg.mirror, cfg.dataset), False)]
+    sources: list[tuple[str, Callable[[], Loaded], bool]] = [
+        (f"local mirror {cfg.mirror or ''}".strip(), partial(read_mirror, cfg.mirror, cfg.dataset), False)
+    ]
     # A dataset's packaged location is tried too: MNIST_MIRROR may be set for MNIST while Fashion-MNIST is asked for.
     packaged = DEFAULT_MIRRORS.get(cfg.dataset)
     if packaged is not None and packaged != cfg.mirror:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.config import EvaluateConfig
+from tasks.config import EvaluateConfig, SplitSpec
 from tasks.data import load_splits
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ class Predictions:
 
 def save_predictions(preds: Predictions, directory: Path) -> Path:
     """Store labels as uint8 and predicted-class probabilities as float32, compressed."""
-    arrays = {"y_true": preds.y_true.astype(np.uint8)}
+    arrays: dict[str, Any] = {"y_true": preds.y_true.astype(np.uint8)}
     for name in preds.predicted:
         arrays[f"pred_{name}"] = preds.predicted[name].astype(np.uint8)
         arrays[f"prob_{name}"] = preds.confidence[name].astype(np.float32)
@@ -192,7 +192,7 @@ def predict_with(path: Path, x: np.ndarray) -> tuple[np.ndarray, str]:
 
 
 def run(
-    cfg: EvaluateConfig, split: dict[str, int | None], data_dir: Path, model_paths: dict[str, Path], out: Path
+    cfg: EvaluateConfig, split: SplitSpec, data_dir: Path, model_paths: dict[str, Path], out: Path
 ) -> dict[str, Any]:
     """Evaluate each model file on the test split; write `metrics.json` and `predictions.npz` into `out`.
 

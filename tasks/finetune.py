@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from tasks.config import FinetuneConfig
+from tasks.config import FinetuneConfig, SplitSpec
 from tasks.data import Splits, load_splits
 from tasks.models import (
     CLASSIFICATION_LOSS,
@@ -28,7 +28,7 @@ HISTORY_FILE = "history.json"
 PROBE_HISTORY_FILE = "probe_history.json"
 
 
-def run(cfg: FinetuneConfig, split: dict[str, int | None], data_dir: Path, pretrain_dir: Path, out: Path,
+def run(cfg: FinetuneConfig, split: SplitSpec, data_dir: Path, pretrain_dir: Path, out: Path,
         progress: Progress | None = None) -> dict[str, Any]:
     """Fine-tune the pretrained encoder with a zero-initialised softmax head on the training labels.
 

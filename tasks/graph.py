@@ -7,7 +7,7 @@ import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from tasks import baselines, download, evaluate, finetune, pretrain, report, validate
 from tasks.config import PipelineConfig, Stage
@@ -56,7 +56,7 @@ def _run_info(config: PipelineConfig, refs: Refs) -> dict[str, Any]:
         "config": reported_config(config),
         "data_fingerprint": data_fingerprint(config),
         "stages": {s: {"key": r.key, "cached": r.cached, "duration_s": r.duration_s,
-                       "code_version": code_version(SPECS[s].modules)} for s, r in refs.items()},
+                       "code_version": code_version(SPECS[cast(Stage, s)].modules)} for s, r in refs.items()},
     }
 
 
@@ -159,10 +159,10 @@ class MissingUpstream(RuntimeError):
 
 
 def upstream_refs(
-    steps: list[Step], only: set[str], store: Store, config: PipelineConfig
+    steps: list[Step], only: set[Stage], store: Store, config: PipelineConfig
 ) -> dict[str, ArtifactRef]:
     """Store artifacts that the selected stages need but do not compute themselves."""
-    needed = {u for s in only for u in upstream_of(config, s)} - only  # type: ignore[arg-type]
+    needed = {u for s in only for u in upstream_of(config, s)} - only
     refs = {s.stage: store.load(s.stage, s.key) for s in steps if s.stage in needed}
     if missing := [s for s in steps if s.stage in needed and refs[s.stage] is None]:
         raise MissingUpstream(
@@ -204,7 +204,7 @@ def execute(step: Step, config: PipelineConfig, refs: Refs, store: Store, *, for
     import tensorflow as tf
 
     spec = SPECS[step.stage]
-    upstream = {s: refs[s] for s in upstream_of(config, step.stage)}
+    upstream: Refs = {s: refs[s] for s in upstream_of(config, step.stage)}
 
     def produce(out: Path) -> dict[str, Any]:
         # Seeding per stage (not only once per run) is what makes a stage re-run alone reproduce itself;

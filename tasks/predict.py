@@ -42,9 +42,9 @@ def prepare(image_path: Path) -> np.ndarray:
 def load_gray(path: Path) -> np.ndarray:
     """Read any Pillow-readable image as a float grayscale array, transparency composited on white."""
     try:
-        with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
+        with Image.open(path) as opened:
+            opened.load()
+            img = ImageOps.exif_transpose(opened)
             if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
                 white = Image.new("RGBA", img.size, (255, 255, 255, 255))
                 img = Image.alpha_composite(white, img.convert("RGBA"))

@@ -10,7 +10,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from tasks.config import PretrainConfig
+from tasks.config import PretrainConfig, SplitSpec
 from tasks.data import load_splits
 from tasks.models import (
     AUTOENCODER_FILE,
@@ -29,7 +29,7 @@ FIGURE_FILE = "reconstruction.png"
 EXAMPLES_TO_SHOW = 10
 
 
-def run(cfg: PretrainConfig, split: dict[str, int | None], data_dir: Path, out: Path,
+def run(cfg: PretrainConfig, split: SplitSpec, data_dir: Path, out: Path,
         progress: Progress | None = None) -> dict[str, Any]:
     """Train the autoencoder on the training split and write its model, history and reconstruction figure.
 

@@ -146,8 +146,8 @@ class Registry:
             state = self._read()
             lineage = _lineage(state["history"])
             if len(lineage) < 2:
-                current = "no champion" if not lineage else f"only champion {lineage[-1]['key'][:12]}"
-                raise RegistryError(f"cannot roll back: there is no previous champion ({current})")
+                status = "no champion" if not lineage else f"only champion {lineage[-1]['key'][:12]}"
+                raise RegistryError(f"cannot roll back: there is no previous champion ({status})")
             previous, current = lineage[-2], lineage[-1]
             reason = f"rollback from {current['key'][:12]} to {previous['key'][:12]}"
             event = {"event": "rollback", "at": _now(), "by": by, "reason": reason, "candidate": previous}
