@@ -102,7 +102,7 @@ def run_section(refs: dict[str, ArtifactRef], decision: Decision | None, records
     else:
         verdict = "promoted to champion" if decision.promote else "not promoted"
         blocks.append(document.Paragraph(f"This run's model was {verdict}: {decision.reason}."))
-    if records:
+    if history.model_names(records):  # runs that evaluated something; a pretrain-only profile has no trend
         blocks += [document.Heading("Trend over past runs", 3),
                    document.Paragraph(f"Accuracy of the pretrained model over recent runs is "
                                     f"{history.trend(records)} ({len(records)} runs recorded).")]
