@@ -240,13 +240,13 @@ def pretrain_section(pretrain_dir: Path, pretrain_cfg: dict[str, Any] | None,
     comparable = notebook_comparable(pretrain_cfg)
     difference = None
     if history:
-        kept, which = _kept(history, bool((pretrain_cfg or {}).get("early_stopping_patience")))
-        facts = [f"{len(history)} epochs"]
-        for key, label in (("loss_last_batch", "last mini-batch loss"), ("loss_mean", "epoch-mean loss"),
-                           ("val_loss", "validation loss")):
-            if kept.get(key) is not None:
-                facts.append(f"{which} {label} {kept[key]:.6f}")
-        blocks.append(Paragraph("This run: " + ", ".join(facts) + "."))
+        restored = bool((pretrain_cfg or {}).get("early_stopping_patience"))
+        kept, _ = _kept(history, restored)
+        which = f"epoch {kept['epoch']}, whose weights were kept (lowest validation loss)" if restored else "last epoch"
+        facts = [f"{label} {kept[key]:.6f}" for key, label in (
+            ("loss_last_batch", "last mini-batch loss"), ("loss_mean", "epoch-mean loss"),
+            ("val_loss", "validation loss")) if kept.get(key) is not None]
+        blocks.append(Paragraph(f"This run: {len(history)} epochs; {which}: " + ", ".join(facts) + "."))
         blocks.append(Image(plot_pretrain_loss(history, out / "pretrain_loss.png").name, "Pretraining loss per epoch",
                             "Reconstruction loss per epoch (log scale); dots: the notebook's printed log."))
         difference, compared = loss_difference(history)
@@ -300,7 +300,7 @@ def _kept(rows: list[dict[str, Any]], restored: bool) -> tuple[dict[str, Any], s
     if not restored:
         return rows[-1], "final"
     best = best_row(rows)
-    return best, f"kept (epoch {best['epoch']}, lowest validation loss)"
+    return best, f"kept (epoch {best['epoch']}, the lowest validation loss)"
 
 
 def training_section(title: str, text: str, histories: dict[str, list[dict[str, Any]] | None],
