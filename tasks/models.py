@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -14,7 +15,6 @@ import numpy as np
 from keras import layers, ops
 
 from tasks.config import PretrainConfig, TrainConfig
-from tasks.store import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -295,5 +295,6 @@ def best_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def write_history(rows: list[dict[str, Any]], path: Path) -> Path:
     """Write per-epoch history rows as a JSON list."""
-    write_json_atomic(path, rows)
+    # Written inside the store's staging directory, which is published atomically and fsynced as a whole.
+    path.write_text(json.dumps(rows, indent=2, sort_keys=True, default=str))
     return path
