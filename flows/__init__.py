@@ -7,3 +7,6 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The temporary local API migrates a new database on first start, which takes longer than Prefect's 20 s default
+# on a busy two-core machine.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")

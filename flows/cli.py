@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import get_args
 
+from flows.runners import DASK_ADDRESS_ENV, RUNNERS
 from tasks.config import (
     PROFILES,
     STAGES,
@@ -51,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="run only these stages; their upstream must be in the store")
     run.add_argument("--force", type=_stages, action="extend", default=[], metavar="STAGE[,STAGE]",
                      help="recompute these stages even when cached")
+    run.add_argument("--runner", choices=RUNNERS, default="dask",
+                     help="dask (default): independent stages side by side on a Dask cluster; "
+                          "sequential: one stage at a time in this process")
+    run.add_argument("--dask-address", metavar="tcp://HOST:PORT",
+                     help=f"an existing Dask scheduler (default: ${DASK_ADDRESS_ENV}, else a local cluster)")
     status = sub.add_parser("status", help="each stage's key, and whether it is cached (and if not, why)")
     _config_args(status)
     promote = sub.add_parser("promote", help="make an evaluated model the champion by hand")
@@ -82,7 +88,8 @@ def _run(args: argparse.Namespace) -> int:
     from flows.pipeline import pipeline
 
     result = pipeline(profile=args.profile, overrides=parse_overrides(args.overrides), stages=args.only or None,
-                      force=args.force or None, store=args.store)
+                      force=args.force or None, store=args.store, runner=args.runner,
+                      dask_address=args.dask_address)
     print(f"store: {result['store']}")
     for stage, ref in result["stages"].items():
         print(f"  {stage:<9} {'cached' if ref['cached'] else 'computed':<8} {ref['path']}")

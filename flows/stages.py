@@ -1,4 +1,4 @@
-"""The Prefect tasks of the pipeline: retries and cache rules of every stage, declared in one place."""
+"""The Prefect tasks of the pipeline: one per stage with its retries, the run they belong to, and publishing."""
 
 from __future__ import annotations
 
@@ -12,11 +12,14 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
+from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
-from prefect.states import State
+from prefect.states import Completed, State
 from prefect.tasks import Task, exponential_backoff
+from pydantic import BaseModel
 
 from tasks import graph, publish
 from tasks.config import PipelineConfig, Stage
@@ -24,27 +27,17 @@ from tasks.download import NetworkError
 from tasks.models import Progress
 from tasks.store import ArtifactRef, Store
 
-TRAINING: tuple[Stage, ...] = ("pretrain", "finetune", "baselines")
 REPORT_ARTIFACT = "mnist-ae-report"
 ACCURACY_ARTIFACT = "mnist-ae-accuracy"
 
 
-def _network_error(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:
-    """Retry a download only when the network failed; a bad checksum will not fix itself."""
-    return isinstance(state.data, NetworkError)
+class StageContext(BaseModel):
+    """What a stage task needs besides its config section and upstream artifacts."""
 
-
-# Per-stage Prefect options; every stage also gets the cache rule in `stage_task`.
-OPTIONS: dict[Stage, dict[str, Any]] = {
-    "download": dict(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=5),
-                     retry_condition_fn=_network_error),
-}
-
-
-def _cache_key(context: Any, parameters: dict[str, Any]) -> str:
-    """Prefect's cache key is the store's artifact key, so a store hit shows as a Cached task run."""
-    step: graph.Step = parameters["step"]
-    return f"{step.stage}-{step.key}"
+    stage: Stage
+    store: str
+    force: bool
+    shared: dict[str, Any]  # the run-wide settings its contract names
 
 
 def _progress(stage: str) -> tuple[Progress, Any]:
@@ -61,29 +54,80 @@ def _progress(stage: str) -> tuple[Progress, Any]:
     return report, artifact_id
 
 
-@task(cache_key_fn=_cache_key, persist_result=True, result_serializer="json")
-def run_stage(step: graph.Step, config: PipelineConfig, refs: dict[str, ArtifactRef], force: bool) -> ArtifactRef:
-    """Compute one stage through the store (or find it there) and hand on a small reference."""
-    progress, artifact_id = _progress(step.stage) if step.stage in TRAINING else (None, None)
-    ref = graph.execute(step, config, refs, Store(config.store), force=force, progress=progress)
+# The artifact store, not Prefect's cache, decides whether a stage is computed: a stored artifact is verified
+# on every run, wherever the task runs, and a hit is reported as a "Cached" state.
+@task(cache_policy=NO_CACHE)
+def run_stage(section: BaseModel, *upstream: ArtifactRef, context: StageContext) -> State[ArtifactRef]:
+    """Find one stage's artifact in the store or compute it from its config section and upstream artifacts."""
+    stage = context.stage
+    trains = graph.CONTRACTS[stage].progress
+    progress, artifact_id = _progress(stage) if trains else (None, None)
+    ref = graph.execute(stage, section, list(upstream), context.shared, Store(context.store),
+                        force=context.force, progress=progress)
     if artifact_id is not None:  # early stopping ends training before the last planned epoch
         update_progress_artifact(artifact_id=artifact_id, progress=100.0)
-    get_run_logger().info("%s %s in %s (%.1fs)", step.stage, "found" if ref.cached else "computed",
-                          ref.path, ref.duration_s)
-    return ref
+    get_run_logger().info("%s %s in %s (%.1fs)", stage, "found" if ref.cached else "computed", ref.path,
+                          ref.duration_s)
+    return Completed(name="Cached" if ref.cached else "Completed", data=ref)
 
 
-def stage_task(
-    step: graph.Step, store: Store, force: bool
-) -> Task[[graph.Step, PipelineConfig, dict[str, ArtifactRef], bool], ArtifactRef]:
-    """The task for one planned stage: Prefect's cache is refreshed whenever the store lacks the artifact."""
-    return run_stage.with_options(
-        name=step.stage,
-        task_run_name=f"{step.stage}-{step.key[:12]}",
-        result_storage=store.prefect_results,
-        refresh_cache=force or not step.cached,
-        **OPTIONS.get(step.stage, {}),
-    )
+def _network_error(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Retry a download only when the network failed; a bad checksum will not fix itself."""
+    return isinstance(state.data, NetworkError)
+
+
+download = run_stage.with_options(name="download", retries=3, retry_condition_fn=_network_error,
+                                  retry_delay_seconds=exponential_backoff(backoff_factor=5))
+validate = run_stage.with_options(name="validate")
+pretrain = run_stage.with_options(name="pretrain")
+finetune = run_stage.with_options(name="finetune")
+baselines = run_stage.with_options(name="baselines")
+evaluate = run_stage.with_options(name="evaluate")
+report = run_stage.with_options(name="report")
+
+Upstream = PrefectFuture[ArtifactRef] | ArtifactRef | None
+
+
+class PipelineRun:
+    """The stages of one flow run: each is submitted, taken from the store (`--only`), or skipped (not in the
+    profile), and the results are gathered in pipeline order."""
+
+    def __init__(self, config: PipelineConfig, only: list[Stage] | None, force: list[Stage] | None) -> None:
+        self.config, self.store = config, Store(config.store)
+        self.steps = {step.stage: step for step in graph.plan(config, self.store)}
+        self.only = set(only or config.stages)
+        self.force = set(force or ())
+        self.shared = graph.shared_settings(config)
+        self.stored = graph.stored_upstream(config, list(self.steps.values()), self.only, self.store)
+        self.submitted: dict[str, PrefectFuture[ArtifactRef]] = {}
+
+    def stage(self, task: Task[..., Any], section: BaseModel, *upstream: Upstream) -> Upstream:
+        """Submit the stage `task` is named after, with its config section and the upstream artifacts it reads."""
+        stage = cast(Stage, task.name)
+        if stage not in self.config.stages:
+            return None
+        if stage not in self.only:
+            return self.stored.get(stage)
+        contract = graph.CONTRACTS[stage]
+        context = StageContext(stage=stage, store=str(self.store.root), force=stage in self.force,
+                               shared={name: self.shared[name] for name in contract.shared})
+        future: PrefectFuture[ArtifactRef] = task.with_options(
+            task_run_name=f"{stage}-{self.steps[stage].key[:12]}",
+        ).submit(section, *(u for u in upstream if u is not None), context=context)
+        self.submitted[stage] = future
+        return future
+
+    def results(self) -> dict[str, ArtifactRef]:
+        """Every stage's artifact, in pipeline order; the first failed stage's error is raised."""
+        refs = dict(self.stored)
+        for stage in self.config.stages:
+            if stage in self.submitted:
+                refs[stage] = self.submitted[stage].result()
+        return {s: refs[s] for s in self.config.stages if s in refs}
+
+    def validated(self, refs: dict[str, ArtifactRef]) -> bool:
+        """Validation passed in this run, or earlier for exactly this data (the flow stops when it fails)."""
+        return "validate" in refs or ("validate" in self.steps and self.steps["validate"].cached)
 
 
 @task(name="publish")

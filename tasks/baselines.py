@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import BaselinesConfig, SplitSpec
+from tasks.contract import Contract
 from tasks.data import load_splits
 from tasks.models import (
     CLASSIFICATION_LOSS,
@@ -16,6 +17,7 @@ from tasks.models import (
     build_softmax_regression,
     compile_model,
     fit,
+    seed_everything,
     write_history,
 )
 
@@ -28,18 +30,19 @@ ANN_HISTORY_FILE = "ann_history.json"
 
 
 def run(cfg: BaselinesConfig, split: SplitSpec, data_dir: Path, out: Path,
-        progress: Progress | None = None, *, hidden: tuple[int, ...], activation: str) -> dict[str, Any]:
+        progress: Progress | None = None, *, hidden: tuple[int, ...], activation: str, seed: int = 0) -> dict[str, Any]:
     """Train softmax regression and a randomly initialised 784-hidden-10 network with the same settings.
 
     `hidden` and `activation` must be the pretrained model's, so that the ANN differs from it only by the
     missing pretraining. Writes `softmax.keras`, `ann.keras`, `softmax_history.json` and `ann_history.json`.
     `progress` sees one run of 2 * cfg.epochs epochs: softmax first, then the ANN from cfg.epochs + 1.
     """
+    seed_everything(seed)
     data = load_splits(data_dir, split)
     validation = (data.x_val, data.y_val) if len(data.x_val) else None
     models = {
         "softmax": (build_softmax_regression(), SOFTMAX_FILE, SOFTMAX_HISTORY_FILE),
-        "ann": (build_ann(hidden, activation, cfg.init), ANN_FILE, ANN_HISTORY_FILE),
+        "ann": (build_ann(hidden, activation, cfg.init, seed), ANN_FILE, ANN_HISTORY_FILE),
     }
     summary: dict[str, Any] = {"train_size": len(data.x_train), "val_size": len(data.x_val),
                                "hidden": list(hidden), "activation": activation, "init": cfg.init}
@@ -52,6 +55,14 @@ def run(cfg: BaselinesConfig, split: SplitSpec, data_dir: Path, out: Path,
     summary["seconds"] = round(sum(summary[name]["seconds"] for name in models), 2)
     log.info("baselines done: %s", summary)
     return summary
+
+
+# The ANN copies the pretrained network's shape (`hidden`, `activation`), so it differs only by the pretraining.
+# It needs only validated data, so it runs beside pretraining and fine-tuning.
+CONTRACT = Contract(stage="baselines", run=run, section="baselines", shared=("split", "seed", "hidden", "activation"),
+                    reads={"data_dir": "download"}, after=("validate",),
+                    writes=(SOFTMAX_FILE, ANN_FILE, SOFTMAX_HISTORY_FILE, ANN_HISTORY_FILE),
+                    code=(__name__, "tasks.models", "tasks.data"), progress=True)
 
 
 def _offset(progress: Progress | None, offset: int, total: int) -> Progress | None:

@@ -142,6 +142,10 @@ class PipelineConfig(_Section):
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
+    def reported(self) -> dict[str, Any]:
+        """The config as reports show it, without machine-specific settings, which never change a result."""
+        return self.model_dump(mode="json", by_alias=True, exclude={"store": True, "data": {"mirror", "offline"}})
+
     @model_validator(mode="after")
     def _validation_split_fits(self) -> PipelineConfig:
         if self.data.validation_size >= TRAINING_IMAGES:
@@ -161,14 +165,11 @@ class PipelineConfig(_Section):
     @field_validator("stages")
     @classmethod
     def _closed(cls, v: tuple[Stage, ...]) -> tuple[Stage, ...]:
-        needs = {"validate": "download", "pretrain": "validate", "finetune": "pretrain",
-                 "baselines": "validate", "evaluate": "finetune", "report": "validate"}
-        for stage in v:
-            if stage in needs and needs[stage] not in v:
-                raise ValueError(f"stage {stage} needs {needs[stage]}")
-        if "evaluate" in v and "baselines" not in v:
-            raise ValueError("stage evaluate needs baselines")
-        return tuple(s for s in STAGES if s in v)
+        from tasks.graph import check_graph  # the stages' contracts say what each one needs
+
+        ordered = tuple(s for s in STAGES if s in v)
+        check_graph(ordered)
+        return ordered
 
 
 _SEED_FINETUNE = dict(optimizer="sgd", learning_rate=0.5, epochs=200, batch_size=256)

@@ -20,9 +20,10 @@ import numpy as np
 
 from tasks import idx
 from tasks.config import DataConfig
-from tasks.data import Dataset, save_dataset
+from tasks.contract import Contract
+from tasks.data import DATA_FILE, Dataset, save_dataset
 from tasks.idx import DataError
-from tasks.store import sha256_file
+from tasks.store import key_of, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,16 @@ def run(cfg: DataConfig, out: Path) -> dict[str, Any]:
     ds, description = fetch(cfg)
     save_dataset(ds, out)
     return description
+
+
+# The key covers the dataset only: where the files were found never changes them (their payloads are verified).
+CONTRACT = Contract(stage="download", run=run, section="data", keyed=("dataset",), reads={}, writes=(DATA_FILE,),
+                    code=(__name__, "tasks.idx", "tasks.data"))
+
+
+def fingerprint(cfg: DataConfig) -> str:
+    """Identifies the exact images the model stages see: the verified payloads plus the split."""
+    return key_of({"payload": PAYLOAD_SHA256[cfg.dataset], "split": cfg.split()})[:16]
 
 
 def list_sources(cfg: DataConfig) -> list[tuple[str, Callable[[], Loaded], bool]]:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from tasks.config import EvaluateConfig, SplitSpec
+from tasks.contract import Contract
 from tasks.data import load_splits
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,22 @@ def predict_with(path: Path, x: np.ndarray) -> tuple[np.ndarray, str]:
     return as_probabilities(outputs)
 
 
-def run(
+def run(cfg: EvaluateConfig, split: SplitSpec, data_dir: Path, finetune_dir: Path, baselines_dir: Path,
+        out: Path) -> dict[str, Any]:
+    """Evaluate the fine-tuned models (with the probe when there is one) and the baselines on the test split."""
+    from tasks.models import MODEL_FILES
+
+    dirs = {"finetune": Path(finetune_dir), "baselines": Path(baselines_dir)}
+    paths = {name: dirs[stage] / file for name, (stage, file) in MODEL_FILES.items()}
+    return evaluate_models(cfg, split, data_dir, {name: path for name, path in paths.items() if path.exists()}, out)
+
+
+CONTRACT = Contract(stage="evaluate", run=run, section="evaluate", shared=("split",),
+                    reads={"data_dir": "download", "finetune_dir": "finetune", "baselines_dir": "baselines"},
+                    writes=(METRICS_FILE, PREDICTIONS_FILE), code=(__name__, "tasks.models", "tasks.data"))
+
+
+def evaluate_models(
     cfg: EvaluateConfig, split: SplitSpec, data_dir: Path, model_paths: dict[str, Path], out: Path
 ) -> dict[str, Any]:
     """Evaluate each model file on the test split; write `metrics.json` and `predictions.npz` into `out`.

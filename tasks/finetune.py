@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import FinetuneConfig, SplitSpec
+from tasks.contract import Contract
 from tasks.data import Splits, load_splits
 from tasks.models import (
     CLASSIFICATION_LOSS,
@@ -17,6 +18,7 @@ from tasks.models import (
     extract_encoder,
     fit,
     load_autoencoder,
+    seed_everything,
     write_history,
 )
 
@@ -29,13 +31,14 @@ PROBE_HISTORY_FILE = "probe_history.json"
 
 
 def run(cfg: FinetuneConfig, split: SplitSpec, data_dir: Path, pretrain_dir: Path, out: Path,
-        progress: Progress | None = None) -> dict[str, Any]:
+        progress: Progress | None = None, *, seed: int = 0) -> dict[str, Any]:
     """Fine-tune the pretrained encoder with a zero-initialised softmax head on the training labels.
 
     The notebook minimises the cross-entropy over all variables, so the encoder trains too unless
     `cfg.freeze_encoder`. Writes `finetuned.keras` and `history.json`; with `cfg.linear_probe` also a
     frozen-encoder probe, `probe.keras` and `probe_history.json`.
     """
+    seed_everything(seed)
     data = load_splits(data_dir, split)
     autoencoder = load_autoencoder(pretrain_dir)
     summary = _train(cfg, data, autoencoder, cfg.freeze_encoder, out / MODEL_FILE, out / HISTORY_FILE, progress)
@@ -44,6 +47,11 @@ def run(cfg: FinetuneConfig, split: SplitSpec, data_dir: Path, pretrain_dir: Pat
         summary["probe"] = _train(cfg, data, autoencoder, True, out / PROBE_FILE, out / PROBE_HISTORY_FILE, None)
     log.info("fine-tuning done: %s", summary)
     return summary
+
+
+CONTRACT = Contract(stage="finetune", run=run, section="finetune", shared=("split", "seed"),
+                    reads={"data_dir": "download", "pretrain_dir": "pretrain"}, writes=(MODEL_FILE, HISTORY_FILE),
+                    code=(__name__, "tasks.models", "tasks.data"), progress=True)
 
 
 def _train(cfg: FinetuneConfig, data: Splits, autoencoder: Any, freeze: bool, model_path: Path,

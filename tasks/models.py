@@ -106,18 +106,25 @@ def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimize
     return factories[name](learning_rate)
 
 
-def _initializers(init: str) -> tuple[keras.initializers.Initializer, keras.initializers.Initializer]:
-    """Fresh (kernel, bias) initializers; fresh per layer, since a reused seeded instance repeats its draws."""
+def _initializers(init: str, seed: int) -> tuple[keras.initializers.Initializer, keras.initializers.Initializer]:
+    """Fresh (kernel, bias) initializers with seeds of their own (`seed` and `seed + 1`).
+
+    Explicit seeds, because an unseeded Keras initializer draws its seed from Python's global `random`, which
+    other threads of the process (a Dask worker's, Prefect's) may draw from too, changing the weights.
+    """
     if init == "normal":
         # tf.random_normal in the notebook: N(0, 1) for weights and biases alike.
-        return keras.initializers.RandomNormal(0.0, 1.0), keras.initializers.RandomNormal(0.0, 1.0)
-    if init in ("glorot_uniform", "he_normal"):
-        return keras.initializers.get(init), keras.initializers.Zeros()
+        return keras.initializers.RandomNormal(0.0, 1.0, seed=seed), keras.initializers.RandomNormal(0.0, 1.0,
+                                                                                                    seed=seed + 1)
+    if init == "glorot_uniform":
+        return keras.initializers.GlorotUniform(seed=seed), keras.initializers.Zeros()
+    if init == "he_normal":
+        return keras.initializers.HeNormal(seed=seed), keras.initializers.Zeros()
     raise ValueError(f"unknown initialisation {init!r}")
 
 
-def _dense(units: int, activation: str, init: str, name: str) -> layers.Dense:
-    kernel, bias = _initializers(init)
+def _dense(units: int, activation: str, init: str, name: str, seed: int) -> layers.Dense:
+    kernel, bias = _initializers(init, seed)
     return layers.Dense(units, activation=activation, kernel_initializer=kernel, bias_initializer=bias, name=name)
 
 
@@ -127,19 +134,24 @@ def _head() -> layers.Dense:
                         name="head")
 
 
-def build_autoencoder(cfg: PretrainConfig) -> keras.Model:
+def build_autoencoder(cfg: PretrainConfig, seed: int = 0) -> keras.Model:
     """784 -> cfg.hidden -> mirrored decoder -> 784 with a sigmoid output; layers named enc_i and dec_i."""
     inputs = keras.Input((INPUT_SIZE,), name="pixels")
     x = inputs
     # Encoder
     for i, units in enumerate(cfg.hidden):
-        x = _dense(units, cfg.activation, cfg.init, f"enc_{i}")(x)
+        x = _dense(units, cfg.activation, cfg.init, f"enc_{i}", _layer_seed(seed, i))(x)
     # Decoder
     widths = [*reversed(cfg.hidden[:-1]), INPUT_SIZE]
     for i, units in enumerate(widths):
         activation = "sigmoid" if i == len(widths) - 1 else cfg.activation
-        x = _dense(units, activation, cfg.init, f"dec_{i}")(x)
+        x = _dense(units, activation, cfg.init, f"dec_{i}", _layer_seed(seed, len(cfg.hidden) + i))(x)
     return keras.Model(inputs, x, name="autoencoder")
+
+
+def _layer_seed(seed: int, layer: int) -> int:
+    """Distinct seeds per layer (two each: kernel and bias) for every run seed."""
+    return 1000 * seed + 2 * layer
 
 
 def load_model(path: Path) -> keras.Model:
@@ -193,12 +205,12 @@ def build_softmax_regression() -> keras.Model:
     return keras.Model(inputs, _head()(inputs), name="softmax")
 
 
-def build_ann(hidden: tuple[int, ...], activation: str, init: str) -> keras.Model:
+def build_ann(hidden: tuple[int, ...], activation: str, init: str, seed: int = 0) -> keras.Model:
     """The same classifier shape trained from a random initialisation, without pretraining."""
     inputs = keras.Input((INPUT_SIZE,), name="pixels")
     x = inputs
     for i, units in enumerate(hidden):
-        x = _dense(units, activation, init, f"hidden_{i}")(x)
+        x = _dense(units, activation, init, f"hidden_{i}", _layer_seed(seed, i))(x)
     return keras.Model(inputs, _head()(x), name="ann")
 
 
@@ -211,6 +223,18 @@ def compile_model(model: keras.Model, cfg: TrainConfig, loss: str) -> None:
     # off under op determinism anyway, so ask for it only when it will be used rather than draw a warning.
     model.compile(optimizer=make_optimizer(cfg.optimizer, cfg.learning_rate), loss=loss, metrics=metrics,
                   jit_compile=not op_determinism_enabled())
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and TensorFlow and make TensorFlow's ops deterministic, before a stage trains.
+
+    Seeding per stage (not once per run) is what makes a stage re-run alone reproduce itself. Op determinism
+    is process-wide and irreversible, so trainings that run side by side must run in separate processes.
+    """
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
 
 
 def op_determinism_enabled() -> bool:

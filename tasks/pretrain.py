@@ -11,6 +11,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from tasks.config import PretrainConfig, SplitSpec
+from tasks.contract import Contract
 from tasks.data import load_splits
 from tasks.models import (
     AUTOENCODER_FILE,
@@ -19,6 +20,7 @@ from tasks.models import (
     build_autoencoder,
     compile_model,
     fit,
+    seed_everything,
     write_history,
 )
 
@@ -30,16 +32,17 @@ EXAMPLES_TO_SHOW = 10
 
 
 def run(cfg: PretrainConfig, split: SplitSpec, data_dir: Path, out: Path,
-        progress: Progress | None = None) -> dict[str, Any]:
+        progress: Progress | None = None, *, seed: int = 0) -> dict[str, Any]:
     """Train the autoencoder on the training split and write its model, history and reconstruction figure.
 
     `split` is `DataConfig.split()`; the validation split drives early stopping when it is configured.
     Writes `autoencoder.keras`, `history.json` (one row per epoch; `loss_last_batch` is what the notebook
     printed) and `reconstruction.png` (ten test digits above their reconstructions) into `out`.
     """
+    seed_everything(seed)
     data = load_splits(data_dir, split)
     validation = (data.x_val, data.x_val) if len(data.x_val) else None
-    model = build_autoencoder(cfg)
+    model = build_autoencoder(cfg, seed)
     compile_model(model, cfg, RECONSTRUCTION_LOSS)
     rows, summary = fit(model, data.x_train, data.x_train, validation, cfg, progress)
 
@@ -59,6 +62,13 @@ def run(cfg: PretrainConfig, split: SplitSpec, data_dir: Path, out: Path,
     )
     log.info("pretraining done: %s", summary)
     return summary
+
+
+# Pretraining sees the training images only after they passed validation; it never reads their labels.
+CONTRACT = Contract(stage="pretrain", run=run, section="pretrain", shared=("split", "seed"),
+                    reads={"data_dir": "download"}, after=("validate",),
+                    writes=(AUTOENCODER_FILE, HISTORY_FILE, FIGURE_FILE), code=(__name__, "tasks.models", "tasks.data"),
+                    progress=True)
 
 
 def _mse(x: np.ndarray, y: np.ndarray) -> float:

@@ -15,8 +15,8 @@ import numpy as np
 from tasks import document, history, report
 from tasks.config import PipelineConfig
 from tasks.data import load_splits
+from tasks.download import fingerprint
 from tasks.evaluate import METRICS_FILE, load_predictions, predict_with
-from tasks.graph import data_fingerprint, reported_config
 from tasks.models import MODEL_FILES
 from tasks.registry import Decision, Registry, decide
 from tasks.store import ArtifactRef, Store, key_of, verify
@@ -32,7 +32,7 @@ def candidate(config: PipelineConfig, refs: dict[str, ArtifactRef]) -> dict[str,
     metrics = json.loads((Path(refs["evaluate"].path) / METRICS_FILE).read_text())["models"][CHALLENGER]
     stage, file = MODEL_FILES[CHALLENGER]
     return {"key": refs[stage].key, "model_path": str(Path(refs[stage].path) / file),
-            "accuracy": metrics["accuracy"], "n": metrics["n"], "data_fingerprint": data_fingerprint(config),
+            "accuracy": metrics["accuracy"], "n": metrics["n"], "data_fingerprint": fingerprint(config.data),
             "evaluate_key": refs["evaluate"].key}
 
 
@@ -40,7 +40,7 @@ def _champion_correct(store: Store, champion: dict[str, Any], config: PipelineCo
                       refs: dict[str, ArtifactRef]) -> np.ndarray:
     """The champion's per-example correctness on this run's test set (re-scored when the test set changed)."""
     evaluated = store.path("evaluate", champion.get("evaluate_key") or "-")
-    if champion["data_fingerprint"] == data_fingerprint(config) and verify(evaluated, evaluated.name) is None:
+    if champion["data_fingerprint"] == fingerprint(config.data) and verify(evaluated, evaluated.name) is None:
         return load_predictions(evaluated).correct(CHALLENGER)
     log.info("champion %s was scored on other data; scoring it on this run's test set", champion["key"][:12])
     splits = load_splits(refs["download"].path, config.data.split())
@@ -74,8 +74,8 @@ def record(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef], d
         "flow_run_id": flow_run_id,
         "profile": config.profile,
         "dataset": config.data.dataset,
-        "data_fingerprint": data_fingerprint(config),
-        "config_hash": key_of(reported_config(config))[:16],
+        "data_fingerprint": fingerprint(config.data),
+        "config_hash": key_of(config.reported())[:16],
         "stages": {s: {"cached": r.cached, "duration_s": round(r.duration_s, 3)} for s, r in refs.items()},
         "accuracy": accuracy,
         "promotion": None if decision is None else {"promote": decision.promote, "reason": decision.reason},

@@ -16,7 +16,9 @@ from matplotlib.figure import Figure
 
 from tasks import baselines, finetune, pretrain
 from tasks.config import STAGES, ReportConfig
+from tasks.contract import Contract
 from tasks.document import (
+    BLOCKS_FILE,
     Block,
     Bullets,
     Code,
@@ -352,7 +354,7 @@ def validation_section(validate_dir: Path) -> list[Block]:
 
 
 def metadata_section(run_info: dict[str, Any]) -> list[Block]:
-    """Provenance: config, data fingerprint and, per stage, key, cache hit, duration and code version."""
+    """Provenance: config, data fingerprint and, per upstream stage, the artifact key and code version."""
     config = run_info.get("config") or {}
     facts = [f"Data fingerprint: {run_info.get('data_fingerprint') or 'unknown'}"]
     if config.get("profile"):
@@ -361,14 +363,11 @@ def metadata_section(run_info: dict[str, Any]) -> list[Block]:
         facts.append(f"Seed: {config['seed']}")
     stages = run_info.get("stages") or {}
     names = [s for s in STAGES if s in stages] + sorted(set(stages) - set(STAGES))
-    rows = tuple((s, str(stages[s].get("key", ""))[:12], "cached" if stages[s].get("cached") else "computed",
-                  f"{stages[s].get('duration_s') or 0.0:.1f} s", str(stages[s].get("code_version", "")))
-                 for s in names)
+    rows = tuple((s, str(stages[s].get("key", ""))[:12], str(stages[s].get("code_version", ""))) for s in names)
     blocks: list[Block] = [Heading("Run metadata"), Bullets(tuple(facts))]
     if rows:
-        # The report is itself a cached artifact: these are the upstream outcomes of the run that built it.
-        blocks.append(Paragraph("Stage outcomes as of the run that built this report:"))
-        blocks.append(Table(("Stage", "Key", "Result", "Duration", "Code version"), rows))
+        blocks.append(Paragraph("The stage artifacts this report was built from:"))
+        blocks.append(Table(("Stage", "Key", "Code version"), rows))
     blocks.append(Code(json.dumps(config, indent=2, sort_keys=True), "json"))
     return blocks
 
@@ -377,13 +376,36 @@ def _early_stopped(config: dict[str, Any], stage: str) -> bool:
     return bool((config.get(stage) or {}).get("early_stopping_patience"))
 
 
-def run(cfg: ReportConfig, inputs: dict[str, Path], run_info: dict[str, Any], out: Path) -> dict[str, Any]:
+def run(cfg: ReportConfig, out: Path, *, config: dict[str, Any], data_fingerprint: str,
+        validate_dir: Path | None = None, pretrain_dir: Path | None = None, finetune_dir: Path | None = None,
+        baselines_dir: Path | None = None, evaluate_dir: Path | None = None) -> dict[str, Any]:
+    """Report on the upstream artifacts the profile has; `config` is the reported config (by alias)."""
+    dirs = {"validate": validate_dir, "pretrain": pretrain_dir, "finetune": finetune_dir, "baselines": baselines_dir,
+            "evaluate": evaluate_dir}
+    inputs = {stage: Path(path) for stage, path in dirs.items() if path is not None}
+    stages = {}
+    for stage, path in inputs.items():
+        manifest = _read_json(path / MANIFEST) or {}
+        stages[stage] = {"key": manifest.get("key", path.name),
+                         "code_version": (manifest.get("key_inputs") or {}).get("code_version", "")}
+    return write_report(cfg, inputs, {"config": config, "data_fingerprint": data_fingerprint, "stages": stages}, out)
+
+
+CONTRACT = Contract(stage="report", run=run, section="report", shared=("config", "data_fingerprint"),
+                    reads={"validate_dir": "validate", "pretrain_dir": "pretrain", "finetune_dir": "finetune",
+                           "baselines_dir": "baselines", "evaluate_dir": "evaluate"},
+                    writes=(f"{REPORT_NAME}.md", f"{REPORT_NAME}.html", BLOCKS_FILE, ACCURACY_FILE),
+                    code=(__name__, "tasks.document", "tasks.evaluate", "tasks.models", "tasks.pretrain",
+                          "tasks.finetune", "tasks.baselines"))
+
+
+def write_report(cfg: ReportConfig, inputs: dict[str, Path], run_info: dict[str, Any], out: Path) -> dict[str, Any]:
     """Write `report.md`, `report.html`, `blocks.json`, `accuracy.json` and the figures into `out`.
 
     `inputs` maps a stage name (validate, pretrain, finetune, baselines, evaluate) to its artifact directory;
     sections of absent stages are left out. `run_info` is, with every key optional:
     {"config": PipelineConfig as JSON (by alias), "data_fingerprint": str,
-     "stages": {stage: {"key": str, "cached": bool, "duration_s": float, "code_version": str}}}.
+     "stages": {stage: {"key": str, "code_version": str}}}.
     Returns the claim table rows (model, accuracy, ci_low, ci_high), "claim_held" (None when the run has no
     evaluation), the best model and the mean relative difference to the notebook's pretraining log.
     """

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.config import ValidateConfig
+from tasks.contract import Contract
 from tasks.data import Dataset, load_dataset
 
 if TYPE_CHECKING:
@@ -340,3 +341,7 @@ def run(cfg: ValidateConfig, data_dir: Path, dataset: str, out: Path) -> dict[st
     log.info("validated %s: %d images in %.1f s (summary %.1f s)", dataset, len(frame),
              time.perf_counter() - started, summarized - started)
     return summary
+
+
+CONTRACT = Contract(stage="validate", run=run, section="validate_", shared=("dataset",), reads={"data_dir": "download"},
+                    writes=(VALIDATION_FILE, DOCS_INDEX), code=(__name__, "tasks.data"))

@@ -157,7 +157,7 @@ def test_run_on_real_models(trained, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     model_paths = {"ann": paths["ann"], "softmax": paths["softmax"]}
-    summary = evaluate.run(EvaluateConfig(), SPLIT, data_dir, model_paths, out)
+    summary = evaluate.evaluate_models(EvaluateConfig(), SPLIT, data_dir, model_paths, out)
 
     assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "predictions.npz"]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -189,7 +189,7 @@ def test_run_on_real_models(trained, tmp_path):
 
 def test_run_turns_logits_into_probabilities(trained, tmp_path):
     data_dir, paths, s = trained
-    evaluate.run(EvaluateConfig(confidence=0.9), SPLIT, data_dir, {"pretrained": paths["logits"]}, tmp_path)
+    evaluate.evaluate_models(EvaluateConfig(confidence=0.9), SPLIT, data_dir, {"pretrained": paths["logits"]}, tmp_path)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["models"]["pretrained"]["output"] == "logits"
     conf = evaluate.load_predictions(tmp_path).confidence["pretrained"]
@@ -199,9 +199,9 @@ def test_run_turns_logits_into_probabilities(trained, tmp_path):
 def test_run_rejects_a_missing_model_file(trained, tmp_path):
     data_dir, paths, _ = trained
     with pytest.raises(FileNotFoundError):
-        evaluate.run(EvaluateConfig(), SPLIT, data_dir, {"softmax": tmp_path / "nope.keras"}, tmp_path)
+        evaluate.evaluate_models(EvaluateConfig(), SPLIT, data_dir, {"softmax": tmp_path / "nope.keras"}, tmp_path)
     with pytest.raises(ValueError, match="no models"):
-        evaluate.run(EvaluateConfig(), SPLIT, data_dir, {}, tmp_path)
+        evaluate.evaluate_models(EvaluateConfig(), SPLIT, data_dir, {}, tmp_path)
 
 
 def test_run_rejects_a_model_with_the_wrong_output(trained, tmp_path):
@@ -212,7 +212,7 @@ def test_run_rejects_a_model_with_the_wrong_output(trained, tmp_path):
     path = tmp_path / "five.keras"
     keras.Sequential([keras.Input((784,)), layers.Dense(5, activation="softmax")]).save(path)
     with pytest.raises(ValueError, match="expected outputs of shape"):
-        evaluate.run(EvaluateConfig(), SPLIT, data_dir, {"softmax": path}, tmp_path)
+        evaluate.evaluate_models(EvaluateConfig(), SPLIT, data_dir, {"softmax": path}, tmp_path)
 
 
 def test_run_refuses_to_deserialise_code(trained, tmp_path):
@@ -223,7 +223,7 @@ def test_run_refuses_to_deserialise_code(trained, tmp_path):
     path = tmp_path / "lambda.keras"
     keras.Sequential([keras.Input((784,)), layers.Lambda(lambda t: t[:, :10])]).save(path)
     with pytest.raises(ValueError, match="safe_mode"):
-        evaluate.run(EvaluateConfig(), SPLIT, data_dir, {"softmax": path}, tmp_path)
+        evaluate.evaluate_models(EvaluateConfig(), SPLIT, data_dir, {"softmax": path}, tmp_path)
 
 
 def test_paired_counts_who_is_right_alone_and_tests_it():

@@ -24,12 +24,12 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.cli import main as cli
 from flows.pipeline import pipeline
-from flows.stages import ACCURACY_ARTIFACT, REPORT_ARTIFACT, stage_task
-from tasks import download, graph, history
+from flows.stages import ACCURACY_ARTIFACT, REPORT_ARTIFACT, StageContext
+from flows.stages import download as download_task
+from tasks import download, history
 from tasks.config import load_config
 from tasks.graph import MissingUpstream
 from tasks.registry import Registry
-from tasks.store import Store
 
 ALL = ["download", "validate", "pretrain", "finetune", "baselines", "evaluate", "report"]
 
@@ -51,7 +51,8 @@ def _mirror(monkeypatch, mnist_mirror):
 
 
 def run(store: Path, profile: str = "quick", **params) -> dict:
-    return pipeline(profile=profile, store=str(store), **params)
+    """A run on the sequential runner; tests/test_runners.py runs the same flow on Dask clusters."""
+    return pipeline(profile=profile, store=str(store), runner="sequential", **params)
 
 
 def task_states(flow_run_id: str) -> dict[str, str]:
@@ -155,13 +156,11 @@ def test_download_is_retried_on_network_errors_only(tmp_path, monkeypatch, offli
     monkeypatch.setenv("MNIST_AE_OFFLINE", offline)
     monkeypatch.setattr(download, "MIRROR_URLS", {"mnist": ("http://127.0.0.1:9/",)})  # nothing listens there
     config = load_config("quick", {"store": str(tmp_path / "s")})
-    store = Store(config.store)
-    step = graph.plan(config, store)[0]
+    context = StageContext(stage="download", store=config.store, force=False, shared={})
 
     @flow
     def download_only():
-        task = stage_task(step, store, force=False).with_options(retry_delay_seconds=0)
-        state = task(step, config, {}, False, return_state=True)
+        state = download_task.with_options(retry_delay_seconds=0)(config.data, context=context, return_state=True)
         return state.is_failed(), state.state_details.task_run_id
 
     failed, task_run_id = download_only()
@@ -174,8 +173,9 @@ def test_download_is_retried_on_network_errors_only(tmp_path, monkeypatch, offli
 def test_only_with_a_missing_upstream_names_it(tmp_path):
     with pytest.raises(MissingUpstream) as info:
         run(tmp_path / "empty", stages=["finetune"])
-    assert "download (never computed); pretrain (never computed)" in str(info.value)
-    assert "--only download,pretrain" in str(info.value)
+    # Everything needed to compute what is missing is named at once: pretrain needs validate too.
+    assert "download (never computed); validate (never computed); pretrain (never computed)" in str(info.value)
+    assert "--only download,validate,pretrain" in str(info.value)
 
 
 def test_failed_validation_stops_before_training(tmp_path):
@@ -210,7 +210,7 @@ def test_two_concurrent_runs_on_one_store_both_finish(tmp_path, mnist_mirror):
            "PREFECT_HOME": str(tmp_path / "prefect-home")}
     env.pop("PREFECT_API_URL", None)
     cmd = [sys.executable, "-m", "flows.cli", "run", "--profile", "quick", "--store", str(store),
-           "--only", "download,validate,pretrain"]
+           "--only", "download,validate,pretrain", "--runner", "sequential"]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
