@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
-from statistics import NormalDist
 from typing import Any
 
 import numpy as np
+from scipy.stats import binomtest
 
 from tasks.config import EvaluateConfig, SplitSpec
 from tasks.contract import Contract
@@ -42,13 +40,8 @@ def accuracy_ci(correct: int, n: int, confidence: float) -> tuple[float, float]:
         raise ValueError(f"correct must lie in [0, {n}], got {correct}")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
-    z = NormalDist().inv_cdf(0.5 + confidence / 2)
-    p = correct / n
-    denom = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    # Clamp the float round-off that would put the exact 0 or 1 bound a hair outside [0, 1].
-    return max(0.0, center - half), min(1.0, center + half)
+    interval = binomtest(correct, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(interval.low), float(interval.high)
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, k: int = NUM_CLASSES) -> np.ndarray:
@@ -101,12 +94,9 @@ def metrics_for(y_true: np.ndarray, y_pred: np.ndarray, confidence: float, k: in
 
 def mcnemar_exact(b: int, c: int) -> float:
     """Two-sided exact McNemar p-value: a binomial test of b successes in b + c trials with p = 1/2."""
-    n = b + c
-    if n == 0:
+    if b + c == 0:
         return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1))
-    # Exact rational arithmetic: 2**n overflows floats once a test set has thousands of disagreements.
-    return float(min(Fraction(1), Fraction(2 * tail, 2**n)))
+    return float(binomtest(b, b + c, 0.5).pvalue)
 
 
 def paired(y_true: np.ndarray, predicted: dict[str, np.ndarray]) -> list[dict[str, Any]]:
