@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -106,25 +107,32 @@ def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimize
     return factories[name](learning_rate)
 
 
-def _initializers(init: str, seed: int) -> tuple[keras.initializers.Initializer, keras.initializers.Initializer]:
-    """Fresh (kernel, bias) initializers with seeds of their own (`seed` and `seed + 1`).
+def _initializers(init: str, seeds: random.Random) -> tuple[keras.initializers.Initializer,
+                                                              keras.initializers.Initializer]:
+    """Fresh (kernel, bias) initializers, each with its own seed drawn from `seeds`.
 
     Explicit seeds, because an unseeded Keras initializer draws its seed from Python's global `random`, which
-    other threads of the process (a Dask worker's, Prefect's) may draw from too, changing the weights.
+    other threads of the process (a Dask worker's, Prefect's) may draw from too. They are drawn as Keras draws
+    them (`randint(1, 10**9)`, one per random initializer, in build order), so a run seed gives the weights an
+    unseeded build gave right after `keras.utils.set_random_seed`.
     """
+
+    def seed() -> int:
+        return seeds.randint(1, int(1e9))
+
     if init == "normal":
         # tf.random_normal in the notebook: N(0, 1) for weights and biases alike.
-        return keras.initializers.RandomNormal(0.0, 1.0, seed=seed), keras.initializers.RandomNormal(0.0, 1.0,
-                                                                                                    seed=seed + 1)
+        kernel = keras.initializers.RandomNormal(0.0, 1.0, seed=seed())
+        return kernel, keras.initializers.RandomNormal(0.0, 1.0, seed=seed())
     if init == "glorot_uniform":
-        return keras.initializers.GlorotUniform(seed=seed), keras.initializers.Zeros()
+        return keras.initializers.GlorotUniform(seed=seed()), keras.initializers.Zeros()
     if init == "he_normal":
-        return keras.initializers.HeNormal(seed=seed), keras.initializers.Zeros()
+        return keras.initializers.HeNormal(seed=seed()), keras.initializers.Zeros()
     raise ValueError(f"unknown initialisation {init!r}")
 
 
-def _dense(units: int, activation: str, init: str, name: str, seed: int) -> layers.Dense:
-    kernel, bias = _initializers(init, seed)
+def _dense(units: int, activation: str, init: str, name: str, seeds: random.Random) -> layers.Dense:
+    kernel, bias = _initializers(init, seeds)
     return layers.Dense(units, activation=activation, kernel_initializer=kernel, bias_initializer=bias, name=name)
 
 
@@ -138,20 +146,16 @@ def build_autoencoder(cfg: PretrainConfig, seed: int = 0) -> keras.Model:
     """784 -> cfg.hidden -> mirrored decoder -> 784 with a sigmoid output; layers named enc_i and dec_i."""
     inputs = keras.Input((INPUT_SIZE,), name="pixels")
     x = inputs
+    seeds = random.Random(seed)
     # Encoder
     for i, units in enumerate(cfg.hidden):
-        x = _dense(units, cfg.activation, cfg.init, f"enc_{i}", _layer_seed(seed, i))(x)
+        x = _dense(units, cfg.activation, cfg.init, f"enc_{i}", seeds)(x)
     # Decoder
     widths = [*reversed(cfg.hidden[:-1]), INPUT_SIZE]
     for i, units in enumerate(widths):
         activation = "sigmoid" if i == len(widths) - 1 else cfg.activation
-        x = _dense(units, activation, cfg.init, f"dec_{i}", _layer_seed(seed, len(cfg.hidden) + i))(x)
+        x = _dense(units, activation, cfg.init, f"dec_{i}", seeds)(x)
     return keras.Model(inputs, x, name="autoencoder")
-
-
-def _layer_seed(seed: int, layer: int) -> int:
-    """Distinct seeds per layer (two each: kernel and bias) for every run seed."""
-    return 1000 * seed + 2 * layer
 
 
 def load_model(path: Path) -> keras.Model:
@@ -209,8 +213,9 @@ def build_ann(hidden: tuple[int, ...], activation: str, init: str, seed: int = 0
     """The same classifier shape trained from a random initialisation, without pretraining."""
     inputs = keras.Input((INPUT_SIZE,), name="pixels")
     x = inputs
+    seeds = random.Random(seed)
     for i, units in enumerate(hidden):
-        x = _dense(units, activation, init, f"hidden_{i}", _layer_seed(seed, i))(x)
+        x = _dense(units, activation, init, f"hidden_{i}", seeds)(x)
     return keras.Model(inputs, _head()(x), name="ann")
 
 
