@@ -121,6 +121,8 @@ class PromoteConfig(_Section):
     """When a challenger replaces the champion."""
 
     min_accuracy_gain: float = Field(default=0.0, ge=0, description="Required test-accuracy gain (absolute).")
+    min_accuracy: float = Field(default=0.5, ge=0, le=1,
+                                description="Lowest test accuracy any promoted model has, the first one too.")
     alpha: float = Field(default=0.05, gt=0, lt=1, description="Significance level of McNemar's exact test.")
 
 
