@@ -20,12 +20,16 @@ from tasks.config import (
     parse_overrides,
 )
 from tasks.graph import MissingUpstream
+from tasks.history import HistoryError
 from tasks.idx import DataError
+from tasks.models import ModelError, TrainingDiverged
 from tasks.registry import Registry, RegistryError
+from tasks.store import ArtifactError, Store, StoreError, verify
 from tasks.validate import ValidationFailed
 
 # Errors whose message tells the user what is wrong and where; anything else is a bug and keeps its traceback.
-USER_ERRORS = (RegistryError, MissingUpstream, DataError, ValidationFailed, FileNotFoundError)
+USER_ERRORS = (RegistryError, MissingUpstream, DataError, ValidationFailed, FileNotFoundError, StoreError,
+               ArtifactError, HistoryError, ModelError, TrainingDiverged)
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -73,12 +77,20 @@ def _config(args: argparse.Namespace) -> PipelineConfig:
     return load_config(args.profile, parse_overrides(args.overrides), args.store)
 
 
-def _registry(args: argparse.Namespace) -> Registry:
-    return Registry(load_config(store=args.store).store, args.dataset)
+def _registry(args: argparse.Namespace, write: bool = False) -> Registry:
+    store = Store(load_config(store=args.store).store)
+    if write:
+        store.check_writable()
+    else:
+        store.check_readable()
+    return Registry(store.root, args.dataset)
 
 
 def _run(args: argparse.Namespace) -> int:
-    check_stages(_config(args), args.only, args.force)  # fail on a bad value before any work
+    config = _config(args)
+    check_stages(config, args.only, args.force)  # fail on a bad value before any work
+    Store(config.store).check_writable()  # before Prefect starts its server
+    Registry(config.store, config.data.dataset).champion()  # an unreadable registry would fail only after training
     from flows.pipeline import pipeline
 
     result = pipeline(profile=args.profile, overrides=parse_overrides(args.overrides), stages=args.only or None,
@@ -97,11 +109,20 @@ def _status(args: argparse.Namespace) -> int:
 
     config = _config(args)
     store = Store(config.store)
+    store.check_readable()
     print(f"profile {config.profile}, store {store.root}")
     for step in graph.plan(config, store):
-        state = "cached" if step.cached else f"not cached ({step.reason})"
+        state = "cached" if step.cached else f"not cached ({_why_not(store, step.stage, step.key, step.reason)})"
         print(f"  {step.stage:<9} {step.key[:16]}  {state}")
     return 0
+
+
+def _why_not(store: Store, stage: str, key: str, reason: str) -> str:
+    """Why a planned stage is not cached: a damaged artifact of exactly this key is named as such."""
+    directory = store.path(stage, key)
+    if directory.exists() and (problem := verify(directory, key)):
+        return f"stored artifact is damaged: {problem}; the next run recomputes it"
+    return reason
 
 
 def _who() -> str:
@@ -109,18 +130,22 @@ def _who() -> str:
 
 
 def _promote(args: argparse.Namespace) -> int:
-    registry = _registry(args)
-    matches = [key for key in registry.candidates() if key.startswith(args.key)]
+    from tasks.publish import stored_candidates
+
+    registry = _registry(args, write=True)
+    # Models evaluated in the store but never judged (their run failed while publishing) count too.
+    candidates = {**stored_candidates(registry.store, args.dataset), **registry.candidates()}
+    matches = [key for key in candidates if key.startswith(args.key)]
     if len(matches) != 1:
-        known = ", ".join(k[:12] for k in registry.candidates()) or "none"
+        known = ", ".join(k[:12] for k in candidates) or "none"
         raise RegistryError(f"{args.key!r} matches {len(matches)} evaluated models (known: {known})")
-    registry.promote(matches[0], None, by=_who(), reason=args.reason)
+    registry.promote(matches[0], candidates[matches[0]], by=_who(), reason=args.reason)
     print(f"champion: {matches[0]}")
     return 0
 
 
 def _rollback(args: argparse.Namespace) -> int:
-    champion = _registry(args).rollback(by=_who())
+    champion = _registry(args, write=True).rollback(by=_who())
     print(f"champion: {champion['key']} (promoted {champion['promoted_at']})")
     return 0
 
@@ -129,13 +154,14 @@ def _predict(args: argparse.Namespace) -> int:
     from tasks.predict import predict
 
     registry = _registry(args)
-    model = registry.champion_model()
+    model = registry.champion_model()  # verified against its artifact's manifest
     if model is None:
         raise RegistryError(f"no {args.dataset} champion in {registry.store.root}: run the pipeline first")
     results = predict(model, args.images)
     if args.json:
+        # Probabilities are finite (predict refuses a model that outputs NaN), so strict JSON cannot fail here.
         print(json.dumps([{"path": str(r.path), "digit": r.digit, "probability": r.probability, "error": r.error}
-                          for r in results], indent=2))
+                          for r in results], indent=2, allow_nan=False))
     else:
         for r in results:
             if r.error:

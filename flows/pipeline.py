@@ -35,6 +35,7 @@ def pipeline(
     check_stages(config, stages or [], force or [])
     logger = get_run_logger()
     the_store = Store(config.store)
+    the_store.check_writable()  # a bad store path fails here, named, not after the first stage's work
     steps = graph.plan(config, the_store)
     only = set(stages or config.stages)
     refs = graph.upstream_refs(steps, only, the_store, config)
