@@ -18,8 +18,8 @@ from tasks.data import load_splits
 from tasks.evaluate import METRICS_FILE, load_predictions, predict_with
 from tasks.graph import data_fingerprint, reported_config
 from tasks.models import MODEL_FILES
-from tasks.registry import Decision, Registry, decide
-from tasks.store import ArtifactRef, Store, key_of, read_manifest, verify
+from tasks.registry import Decision, Registry, RegistryError, decide
+from tasks.store import ArtifactError, ArtifactRef, Store, key_of, read_manifest, verify
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,11 @@ def _champion_correct(store: Store, champion: dict[str, Any], config: PipelineCo
         return None
     log.info("champion %s was scored on other data; scoring it on this run's test set", champion["key"][:12])
     splits = load_splits(refs["download"].path, config.data.split())
-    probabilities, _ = predict_with(store.root / champion["model_path"], splits.x_test)
+    try:
+        probabilities, _ = predict_with(store.root / champion["model_path"], splits.x_test)
+    except ArtifactError as exc:
+        raise RegistryError(f"champion {exc}: it cannot be re-scored. Re-run the pipeline with the settings that "
+                            "trained it, or `mnist-ae rollback`; this run's model is judged by the next run") from None
     return probabilities.argmax(axis=1) == splits.y_test
 
 
