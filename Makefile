@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TEST_MIRROR ?= $(abspath ../shared/data/mnist)
 PROFILE ?= default
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench bench-runners clean
 
 $(BIN)/mnist-ae: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ test: $(VENV)/.test-extras
 
 bench: $(BIN)/mnist-ae
 	$(BIN)/python bench/profiles.py
+
+bench-runners: $(BIN)/mnist-ae
+	$(BIN)/python bench/runners.py
 
 clean:
 	rm -rf $(VENV) artifacts/*/ artifacts/.[!.]* .pytest_cache

@@ -21,12 +21,16 @@ from tasks.config import (
     parse_overrides,
 )
 from tasks.graph import MissingUpstream
+from tasks.history import HistoryError
 from tasks.idx import DataError
+from tasks.models import ModelError, TrainingDiverged
 from tasks.registry import Registry, RegistryError
+from tasks.store import ArtifactError, Store, StoreError
 from tasks.validate import ValidationFailed
 
 # Errors whose message tells the user what is wrong and where; anything else is a bug and keeps its traceback.
-USER_ERRORS = (RegistryError, MissingUpstream, DataError, ValidationFailed, FileNotFoundError)
+USER_ERRORS = (RegistryError, MissingUpstream, DataError, ValidationFailed, FileNotFoundError, StoreError,
+               ArtifactError, HistoryError, ModelError, TrainingDiverged)
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -52,9 +56,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="run only these stages; their upstream must be in the store")
     run.add_argument("--force", type=_stages, action="extend", default=[], metavar="STAGE[,STAGE]",
                      help="recompute these stages even when cached")
-    run.add_argument("--runner", choices=RUNNERS, default="dask",
-                     help="dask (default): independent stages side by side on a Dask cluster; "
-                          "sequential: one stage at a time in this process")
+    run.add_argument("--runner", choices=RUNNERS, default="sequential",
+                     help="sequential (default): one stage at a time in this process; "
+                          "dask: independent stages side by side on a Dask cluster")
     run.add_argument("--dask-address", metavar="tcp://HOST:PORT",
                      help=f"an existing Dask scheduler (default: ${DASK_ADDRESS_ENV}, else a local cluster)")
     status = sub.add_parser("status", help="each stage's key, and whether it is cached (and if not, why)")
@@ -79,12 +83,20 @@ def _config(args: argparse.Namespace) -> PipelineConfig:
     return load_config(args.profile, parse_overrides(args.overrides), args.store)
 
 
-def _registry(args: argparse.Namespace) -> Registry:
-    return Registry(load_config(store=args.store).store, args.dataset)
+def _registry(args: argparse.Namespace, write: bool = False) -> Registry:
+    store = Store(load_config(store=args.store).store)
+    if write:
+        store.check_writable()
+    else:
+        store.check_readable()
+    return Registry(store.root, args.dataset)
 
 
 def _run(args: argparse.Namespace) -> int:
-    check_stages(_config(args), args.only, args.force)  # fail on a bad value before any work
+    config = _config(args)
+    check_stages(config, args.only, args.force)  # fail on a bad value before any work
+    Store(config.store).check_writable()  # before Prefect starts its server
+    Registry(config.store, config.data.dataset).champion()  # an unreadable registry would fail only after training
     from flows.pipeline import pipeline
 
     result = pipeline(profile=args.profile, overrides=parse_overrides(args.overrides), stages=args.only or None,
@@ -104,6 +116,7 @@ def _status(args: argparse.Namespace) -> int:
 
     config = _config(args)
     store = Store(config.store)
+    store.check_readable()
     print(f"profile {config.profile}, store {store.root}")
     for step in graph.plan(config, store):
         state = "cached" if step.cached else f"not cached ({step.reason})"
@@ -116,18 +129,22 @@ def _who() -> str:
 
 
 def _promote(args: argparse.Namespace) -> int:
-    registry = _registry(args)
-    matches = [key for key in registry.candidates() if key.startswith(args.key)]
+    from tasks.publish import stored_candidates
+
+    registry = _registry(args, write=True)
+    # Models evaluated in the store but never judged (their run failed while publishing) count too.
+    candidates = {**stored_candidates(registry.store, args.dataset), **registry.candidates()}
+    matches = [key for key in candidates if key.startswith(args.key)]
     if len(matches) != 1:
-        known = ", ".join(k[:12] for k in registry.candidates()) or "none"
+        known = ", ".join(k[:12] for k in candidates) or "none"
         raise RegistryError(f"{args.key!r} matches {len(matches)} evaluated models (known: {known})")
-    registry.promote(matches[0], None, by=_who(), reason=args.reason)
+    registry.promote(matches[0], candidates[matches[0]], by=_who(), reason=args.reason)
     print(f"champion: {matches[0]}")
     return 0
 
 
 def _rollback(args: argparse.Namespace) -> int:
-    champion = _registry(args).rollback(by=_who())
+    champion = _registry(args, write=True).rollback(by=_who())
     print(f"champion: {champion['key']} (promoted {champion['promoted_at']})")
     return 0
 
@@ -136,13 +153,14 @@ def _predict(args: argparse.Namespace) -> int:
     from tasks.predict import predict
 
     registry = _registry(args)
-    model = registry.champion_model()
+    model = registry.champion_model()  # verified against its artifact's manifest
     if model is None:
         raise RegistryError(f"no {args.dataset} champion in {registry.store.root}: run the pipeline first")
     results = predict(model, args.images)
     if args.json:
+        # Probabilities are finite (predict refuses a model that outputs NaN), so strict JSON cannot fail here.
         print(json.dumps([{"path": str(r.path), "digit": r.digit, "probability": r.probability, "error": r.error}
-                          for r in results], indent=2))
+                          for r in results], indent=2, allow_nan=False))
     else:
         for r in results:
             if r.error:

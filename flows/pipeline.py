@@ -29,7 +29,7 @@ def pipeline(
     stages: list[Stage] | None = None,
     force: list[Stage] | None = None,
     store: str | None = None,
-    runner: Runner = "dask",
+    runner: Runner = "sequential",
     dask_address: str | None = None,
 ) -> dict[str, Any]:
     """Run the stages of a profile through the artifact store; stored stages are taken from it.

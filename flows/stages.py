@@ -94,6 +94,7 @@ class PipelineRun:
 
     def __init__(self, config: PipelineConfig, only: list[Stage] | None, force: list[Stage] | None) -> None:
         self.config, self.store = config, Store(config.store)
+        self.store.check_writable()  # a bad store path fails here, named, before any work
         self.steps = {step.stage: step for step in graph.plan(config, self.store)}
         self.only = set(only or config.stages)
         self.force = set(force or ())
@@ -132,12 +133,11 @@ class PipelineRun:
 
 @task(name="publish")
 def publish_run(config: PipelineConfig, refs: dict[str, ArtifactRef], validated: bool) -> dict[str, Any]:
-    """Challenge the champion with a newly evaluated model, append the run history, write the run report."""
+    """Challenge the champion with an evaluated model not judged before, append the run history, write the report."""
     store = Store(config.store)
     run_id = flow_run.get_id()
-    # Only a model evaluated in this run challenges the champion: re-judging a cached one would undo a rollback.
-    fresh = "evaluate" in refs and not refs["evaluate"].cached
-    decision = publish.promote(config, store, refs, run_id, validated) if fresh else None
+    # Each evaluation is judged once, cached or not (publish.promote skips one already judged).
+    decision = publish.promote(config, store, refs, run_id, validated) if "evaluate" in refs else None
     publish.record(config, store, refs, decision, run_id)
     if "report" not in refs:
         return {"decision": decision and decision.reason}

@@ -179,7 +179,18 @@ def predict_with(path: Path, x: np.ndarray) -> tuple[np.ndarray, str]:
     outputs = np.asarray(model.predict(x, batch_size=1024, verbose=0), dtype=np.float64)
     if outputs.shape != (len(x), NUM_CLASSES):
         raise ValueError(f"{Path(path).name}: expected outputs of shape {(len(x), NUM_CLASSES)}, got {outputs.shape}")
+    check_finite(outputs, path)
     return as_probabilities(outputs)
+
+
+def check_finite(outputs: np.ndarray, path: Path) -> None:
+    """Refuse a model whose outputs hold NaN or infinity: its argmax would be an arbitrary class."""
+    from tasks.models import ModelError
+
+    bad = int(np.sum(~np.isfinite(outputs).all(axis=1)))
+    if bad:
+        raise ModelError(f"{path}: the model outputs NaN or infinite values for {bad} of {len(outputs)} images; "
+                         "it cannot be scored or served (retrain it, or roll back to the previous champion)")
 
 
 def run(cfg: EvaluateConfig, split: SplitSpec, data_dir: Path, finetune_dir: Path, baselines_dir: Path,

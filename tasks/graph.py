@@ -108,7 +108,7 @@ def stored_upstream(config: PipelineConfig, steps: list[Step], only: set[Stage],
 def why_missing(store: Store, stage: str, key: str, inputs: dict[str, Any]) -> str:
     """Explain a miss: a damaged artifact, or what changed against the newest stored artifact of the stage."""
     if store.path(stage, key).exists():
-        return f"stored but damaged: {verify(store.path(stage, key), key)}"
+        return f"stored artifact is damaged: {verify(store.path(stage, key), key)}; the next run recomputes it"
     previous = store.manifests(stage)
     if not previous:
         return "never computed"

@@ -23,6 +23,10 @@ TREND_TOLERANCE = 0.001  # accuracy per run (0.1 pts): below this the slope is r
 Trend = Literal["improving", "flat", "regressing"]
 
 
+class HistoryError(RuntimeError):
+    """The run history file cannot be read or appended to; the message names it."""
+
+
 def history_path(root: str | os.PathLike[str]) -> Path:
     return Store(root).root / HISTORY_FILE
 
@@ -36,34 +40,61 @@ def append(root: str | os.PathLike[str], record: dict[str, Any]) -> dict[str, An
     record = {"at": datetime.now(UTC).isoformat(timespec="seconds"), **record}
     line = json.dumps(record, sort_keys=True, default=str)
     path = history_path(root)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with Store(root).lock("history"), path.open("ab+") as fh:
-        # A writer killed mid-line leaves no newline; start a fresh line so only its fragment is lost.
-        fh.seek(0, os.SEEK_END)
-        if fh.tell() > 0:
-            fh.seek(-1, os.SEEK_END)
-            if fh.read(1) != b"\n":
-                fh.write(b"\n")
-        fh.write(line.encode() + b"\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with Store(root).lock("history"), path.open("ab+") as fh:
+            # A writer killed mid-line leaves no newline; start a fresh line so only its fragment is lost.
+            fh.seek(0, os.SEEK_END)
+            if fh.tell() > 0:
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    fh.write(b"\n")
+            fh.write(line.encode() + b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        raise HistoryError(f"run history {path} cannot be appended to ({exc.strerror or exc}); "
+                           "it was left as it is: fix or move it aside") from None
     return record
 
 
 def read(root: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """All run records, oldest first; a torn or corrupt line is skipped with a warning."""
+    """All run records, oldest first; torn or corrupt lines are skipped with one warning naming them."""
     path = history_path(root)
-    if not path.exists():
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
         return []
-    records = []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+    except OSError as exc:
+        raise HistoryError(f"run history {path} cannot be read ({exc.strerror or exc}); "
+                           "it was left as it is: fix or move it aside") from None
+    records, skipped = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            log.warning("history: skipping unreadable line %d of %s (a run interrupted while writing?)", number, path)
+            record = None
+        if _well_formed(record):
+            records.append(record)
+        else:
+            skipped.append(number)
+    if skipped:
+        shown = ", ".join(map(str, skipped[:10])) + (", ..." if len(skipped) > 10 else "")
+        log.warning("history: skipping %d unreadable line(s) of %s (line %s; a run interrupted while writing?)",
+                    len(skipped), path, shown)
     return records
+
+
+def _well_formed(record: Any) -> bool:
+    """Whether a parsed line has the shape the trend and the report read."""
+    if not isinstance(record, dict):
+        return False
+    accuracy, stages = record.get("accuracy", {}), record.get("stages", {})
+    return (isinstance(accuracy, dict) and all(v is None or isinstance(v, int | float) for v in accuracy.values())
+            and isinstance(stages, dict) and all(isinstance(v, dict) for v in stages.values())
+            and isinstance(record.get("promotion") or {}, dict))
 
 
 def accuracies(records: list[dict[str, Any]], model: str) -> list[float]:

@@ -15,9 +15,23 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from tasks.config import PretrainConfig, TrainConfig
+from tasks.config import BaselinesConfig, FinetuneConfig, PretrainConfig, TrainConfig
+from tasks.store import verified_file
 
 log = logging.getLogger(__name__)
+
+
+class ModelError(ValueError):
+    """A model file cannot be used (it will not load safely, or its outputs are not finite); names the file."""
+
+
+class TrainingDiverged(ArithmeticError):
+    """A loss became NaN or infinite during training; the message names the setting to change."""
+
+
+# The config section each training config comes from, so a divergence names the setting to change.
+SECTIONS: dict[type[TrainConfig], str] = {PretrainConfig: "pretrain", FinetuneConfig: "finetune",
+                                          BaselinesConfig: "baselines"}
 
 Progress = Callable[[int, int, dict[str, float]], None]
 
@@ -158,16 +172,27 @@ def build_autoencoder(cfg: PretrainConfig, seed: int = 0) -> keras.Model:
     return keras.Model(inputs, x, name="autoencoder")
 
 
-def load_model(path: Path) -> keras.Model:
-    """Load a saved model with safe mode on; importing this module registers the custom objects it may use."""
+def load_model(path: Path, compile: bool = True) -> keras.Model:
+    """Load a stored model with safe mode on, only once its artifact's manifest vouches for the file.
+
+    Importing this module registers the custom objects a model may use.
+    """
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such model file")
-    return keras.saving.load_model(path, safe_mode=True)
+    verified_file(Path(path))
+    try:
+        return keras.saving.load_model(path, compile=compile, safe_mode=True)
+    except Exception as exc:  # Keras raises many types for a file it cannot or must not load
+        if "safe_mode" in str(exc):
+            raise ModelError(f"{path}: refused, the model holds Python code (e.g. a Lambda layer) that "
+                             "safe loading never runs") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{path}: not a loadable Keras model ({first})") from None
 
 
 def load_autoencoder(pretrain_dir: Path) -> keras.Model:
     """The trained autoencoder of a pretrain artifact, without its optimizer state."""
-    return keras.saving.load_model(Path(pretrain_dir) / AUTOENCODER_FILE, compile=False, safe_mode=True)
+    return load_model(Path(pretrain_dir) / AUTOENCODER_FILE, compile=False)
 
 
 def encoder_layers(autoencoder: keras.Model) -> list[layers.Layer]:
@@ -254,10 +279,10 @@ def op_determinism_enabled() -> bool:
 class _EpochLog(keras.callbacks.Callback):
     """Collects one history row per epoch and reports it to the progress callable."""
 
-    def __init__(self, epochs: int, progress: Progress | None, name: str):
+    def __init__(self, epochs: int, progress: Progress | None, name: str, cfg: TrainConfig | None = None):
         super().__init__()
         self.rows: list[dict[str, float | int | None]] = []
-        self._epochs, self._progress, self._name = epochs, progress, name
+        self._epochs, self._progress, self._name, self._cfg = epochs, progress, name, cfg
         self._started = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -280,6 +305,21 @@ class _EpochLog(keras.callbacks.Callback):
                  ", ".join(f"{k} {v:.6g}" for k, v in row.items() if isinstance(v, float) and k != "seconds"))
         if self._progress is not None:
             self._progress(epoch + 1, self._epochs, {k: v for k, v in row.items() if isinstance(v, float)})
+        # Weights that produced a NaN or infinite loss are useless; stop before they are saved or evaluated.
+        bad = [k for k in ("loss_mean", "loss_last_batch", "val_loss")
+               if isinstance(row[k], float) and not math.isfinite(row[k])]
+        if bad:
+            raise TrainingDiverged(diverged_message(self._name, epoch + 1, row[bad[0]], self._cfg))
+
+
+def diverged_message(model: str, epoch: int, value: Any, cfg: TrainConfig | None) -> str:
+    """One line saying which training diverged and which setting to lower."""
+    section = SECTIONS.get(type(cfg), "") if cfg is not None else ""
+    lr = f"{section}.learning_rate" if section else "the learning rate"
+    now = f" (now {cfg.learning_rate:g})" if cfg is not None else ""
+    where = f"{section}: " if section else ""
+    return (f"{where}training of {model} diverged: the loss became {value} in epoch {epoch}; nothing was cached. "
+            f"Lower {lr}{now} and run again")
 
 
 def _maybe_float(value: Any) -> float | None:
@@ -289,7 +329,7 @@ def _maybe_float(value: Any) -> float | None:
 def fit(model: keras.Model, x: np.ndarray, y: np.ndarray, validation: tuple[np.ndarray, np.ndarray] | None,
         cfg: TrainConfig, progress: Progress | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Train a compiled model; return its per-epoch history rows and a summary of the run."""
-    epoch_log = _EpochLog(cfg.epochs, progress, model.name)
+    epoch_log = _EpochLog(cfg.epochs, progress, model.name, cfg)
     callbacks: list[keras.callbacks.Callback] = [epoch_log]
     if cfg.early_stopping_patience is not None:
         if validation is None:

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from tasks.evaluate import as_probabilities
+from tasks.evaluate import as_probabilities, check_finite
 
 log = logging.getLogger(__name__)
 
 SIDE = 28  # MNIST image side
 BOX = 20  # MNIST fitted each digit's longer side into 20 px, then centred it by its centre of mass
 INK = 0.1  # normalised intensity above which a pixel counts as ink when cropping
+# Decoding works on float64 copies, about 40 bytes a pixel at the peak; 4096 x 4096 stays under a gigabyte.
+MAX_PIXELS = 4096 * 4096
 
 
 class ImageError(ValueError):
@@ -42,7 +45,16 @@ def prepare(image_path: Path) -> np.ndarray:
 def load_gray(path: Path) -> np.ndarray:
     """Read any Pillow-readable image as a float grayscale array, transparency composited on white."""
     try:
-        with Image.open(path) as opened:
+        with warnings.catch_warnings():
+            # The size check below replaces Pillow's decompression-bomb warning, which would repeat the error.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(path)
+        with opened:
+            # The header gives the size before any pixel is decoded, so a huge image costs nothing to refuse.
+            width, height = opened.size
+            if width * height > MAX_PIXELS:
+                raise ImageError(f"{path}: {width}x{height} pixels is more than predict accepts "
+                                 f"({MAX_PIXELS:,} pixels); scale the image down first")
             opened.load()
             img = ImageOps.exif_transpose(opened)
             if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
@@ -52,6 +64,11 @@ def load_gray(path: Path) -> np.ndarray:
             if img.mode not in ("L", "I", "F") and not img.mode.startswith("I;16"):
                 img = img.convert("L")
             return np.asarray(img, dtype=np.float64)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError:
+        raise ImageError(f"{path}: more pixels than predict accepts ({MAX_PIXELS:,} pixels); "
+                         "scale the image down first") from None
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
     except (OSError, ValueError, SyntaxError) as exc:
@@ -61,6 +78,8 @@ def load_gray(path: Path) -> np.ndarray:
 
 def normalise_ink(gray: np.ndarray, path: Path) -> np.ndarray:
     """Map the background to 0 and the strongest ink to 1, inverting dark-on-light images."""
+    if not np.isfinite(gray).all():
+        raise ImageError(f"{path}: the image holds NaN or infinite pixel values")
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
     if np.median(border) > (gray.min() + gray.max()) / 2:
         gray = gray.max() - gray  # MNIST digits are light on a dark background
@@ -103,8 +122,9 @@ def predict(model_path: Path, image_paths: list[Path]) -> list[Prediction]:
             prepared[i] = prepare(Path(path))
         except Exception as exc:  # one bad file must not stop the others
             errors[i] = _one_line(exc) if isinstance(exc, ImageError) else f"{path}: {_one_line(exc)}"
-            log.warning("predict: %s", errors[i])
-    probs = _probabilities(model, np.stack(list(prepared.values()))) if prepared else np.empty((0, 10))
+            # The caller reports each error; a warning here would print it a second time.
+            log.debug("predict: %s", errors[i])
+    probs = _probabilities(model, np.stack(list(prepared.values())), model_path) if prepared else np.empty((0, 10))
     by_index = dict(zip(prepared, probs, strict=True))
     results = []
     for i, path in enumerate(image_paths):
@@ -116,10 +136,12 @@ def predict(model_path: Path, image_paths: list[Path]) -> list[Prediction]:
     return results
 
 
-def _probabilities(model, x: np.ndarray) -> np.ndarray:
+def _probabilities(model, x: np.ndarray, model_path: Path) -> np.ndarray:
     """Class probabilities, reshaping the 784-vectors to whatever input shape the model declares."""
     shape = tuple(model.input_shape[1:])
-    return as_probabilities(np.asarray(model.predict(x.reshape((len(x), *shape)), verbose=0), dtype=np.float64))[0]
+    outputs = np.asarray(model.predict(x.reshape((len(x), *shape)), verbose=0), dtype=np.float64)
+    check_finite(outputs, model_path)
+    return as_probabilities(outputs)[0]
 
 
 def _one_line(exc: BaseException) -> str:

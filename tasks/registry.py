@@ -15,7 +15,7 @@ import numpy as np
 
 from tasks.config import PromoteConfig
 from tasks.evaluate import mcnemar_exact
-from tasks.store import Store, write_json_atomic
+from tasks.store import ArtifactError, Store, verified_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class Decision:
     b: int | None  # champion right, challenger wrong
     c: int | None  # challenger right, champion wrong
     p_value: float | None
+    baseline_accuracy: float | None = None  # the softmax regression of the challenger's own run
 
 
 def decide(
@@ -44,15 +45,27 @@ def decide(
     challenger_correct: np.ndarray,
     cfg: PromoteConfig,
     validation_passed: bool,
+    *,
+    baseline_correct: np.ndarray | None,
 ) -> Decision:
-    """Apply the promotion rule to per-example correctness of both models on the same test set."""
+    """Apply the promotion rule to per-example correctness of the models on the same test set.
+
+    Before any comparison with the champion (and for the first model too) the challenger must pass the
+    quality gate: beat the softmax-regression baseline of its own run, significantly by McNemar's exact
+    test at `cfg.alpha`, and reach `cfg.min_accuracy`.
+    """
     challenger = _as_bool(challenger_correct, "challenger_correct")
     acc = float(challenger.mean())
+    baseline = None if baseline_correct is None else _as_bool(baseline_correct, "baseline_correct")
+    base = None if baseline is None else float(baseline.mean())
     if not validation_passed:
         return Decision(False, f"data validation failed: challenger {_pct(acc)} never promoted",
-                        None, acc, None, None, None)
+                        None, acc, None, None, None, base)
+    if failed := _gate(challenger, baseline, cfg):
+        return Decision(False, f"challenger {_pct(acc)} {failed}: not promoted", None, acc, None, None, None, base)
     if champion_correct is None:
-        return Decision(True, f"first model: challenger {_pct(acc)} becomes champion", None, acc, None, None, None)
+        return Decision(True, f"first model: challenger {_pct(acc)} beats its run's softmax baseline "
+                        f"{_pct(base or 0.0)}: becomes champion", None, acc, None, None, None, base)
     champion = _as_bool(champion_correct, "champion_correct")
     if champion.shape != challenger.shape:
         raise ValueError(f"champion and challenger were scored on different test sets "
@@ -71,7 +84,25 @@ def decide(
         promote, reason = False, f"{head}, McNemar exact p={p:.3g} >= {cfg.alpha:g}: champion kept"
     else:
         promote, reason = True, f"{head}, McNemar exact p={p:.3g} < {cfg.alpha:g}: promoted"
-    return Decision(promote, reason, champ_acc, acc, b, c, p)
+    return Decision(promote, reason, champ_acc, acc, b, c, p, base)
+
+
+def _gate(challenger: np.ndarray, baseline: np.ndarray | None, cfg: PromoteConfig) -> str | None:
+    """Why a challenger fails the quality gate, or None when it passes."""
+    if baseline is None:
+        return "has no softmax baseline in its run to be compared with"
+    if baseline.shape != challenger.shape:
+        raise ValueError(f"challenger and baseline were scored on different test sets "
+                         f"({challenger.size} vs {baseline.size} examples)")
+    base = _pct(float(baseline.mean()))
+    b, c = int(np.sum(baseline & ~challenger)), int(np.sum(~baseline & challenger))
+    if c <= b:
+        return f"does not beat its run's softmax baseline {base}"
+    if (p := mcnemar_exact(b, c)) >= cfg.alpha:
+        return f"is not significantly better than its run's softmax baseline {base} (McNemar exact p={p:.3g})"
+    if challenger.mean() < cfg.min_accuracy:
+        return f"is below the minimum accuracy {_pct(cfg.min_accuracy)} (promote.min_accuracy)"
+    return None
 
 
 def _as_bool(values: np.ndarray, name: str) -> np.ndarray:
@@ -108,23 +139,41 @@ class Registry:
         return self._read()["history"]
 
     def champion_model(self) -> Path | None:
-        """Absolute path of the champion's model file, or None when there is no champion."""
+        """Absolute path of the champion's model file, verified against its artifact; None without a champion."""
         champ = self.champion()
-        return None if champ is None else self.store.root / champ["model_path"]
+        if champ is None:
+            return None
+        path = self.store.root / champ["model_path"]
+        try:
+            return verified_file(path)
+        except ArtifactError as exc:
+            raise RegistryError(f"champion {exc}. Re-run the pipeline with the settings that trained it (the store "
+                                "rebuilds a damaged artifact), or go back with `mnist-ae rollback`") from None
+
+    def judged(self, evaluate_key: str) -> bool:
+        """Whether any registry event already concerns the model of this evaluation."""
+        return _judged(self.history(), evaluate_key)
 
     def candidates(self) -> dict[str, dict[str, Any]]:
         """Every model ever evaluated or promoted, by key (latest record wins)."""
         return {e["candidate"]["key"]: e["candidate"] for e in self.history() if "candidate" in e}
 
-    def record_decision(self, candidate: dict[str, Any], judge: Callable[[dict[str, Any] | None], Decision],
-                        flow_run_id: str | None) -> dict[str, Any]:
+    def record_decision(self, candidate: dict[str, Any], judge: Callable[[dict[str, Any] | None], Decision | None],
+                        flow_run_id: str | None) -> dict[str, Any] | None:
         """Judge the candidate against the current champion and record the outcome, as one locked step.
 
         Holding the lock while judging means two runs finishing together are compared one after the
         other, so the second is judged against the first's promotion, not the champion both started with.
+        An evaluation is judged once: None when an event already concerns it (re-judging would undo a
+        rollback), or when `judge` defers by returning None.
         """
         with self.store.lock(self._lock):
-            decision = judge(self._read()["champion"])
+            state = self._read()
+            if candidate.get("evaluate_key") and _judged(state["history"], candidate["evaluate_key"]):
+                return None
+            decision = judge(state["champion"])
+            if decision is None:
+                return None
             event = {"event": "promote" if decision.promote else "reject", "at": _now(), "by": flow_run_id,
                      "reason": decision.reason, "candidate": self._normalise(candidate), "decision": asdict(decision)}
             return self._apply_locked(event, promote=decision.promote)
@@ -137,6 +186,10 @@ class Registry:
                 raise RegistryError(f"no evaluated model with key {key}; known keys: {', '.join(self.candidates())}")
         if candidate["key"] != key:
             raise RegistryError(f"candidate key {candidate['key']} does not match {key}")
+        try:
+            verified_file(self.store.root / self._normalise(candidate)["model_path"])
+        except ArtifactError as exc:
+            raise RegistryError(f"cannot promote {key[:12]}: {exc}") from None
         event = {"event": "manual", "at": _now(), "by": by, "reason": reason, "candidate": self._normalise(candidate)}
         return self._apply(event, promote=True)
 
@@ -178,9 +231,47 @@ class Registry:
         return {**candidate, "model_path": path.as_posix()}
 
     def _read(self) -> dict[str, Any]:
-        if not self.path.exists():
+        """The registry document; a file that is not one is an error naming it, and is never overwritten."""
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
             return {"champion": None, "history": []}
-        return json.loads(self.path.read_text())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise self._corrupt(f"unreadable: {getattr(exc, 'strerror', None) or exc}") from None
+        try:
+            state = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise self._corrupt(f"not valid JSON: {exc}") from None
+        if problem := _malformed(state):
+            raise self._corrupt(problem)
+        return state
+
+    def _corrupt(self, problem: str) -> RegistryError:
+        return RegistryError(f"registry file {self.path} is damaged ({problem}); it was left untouched. Restore it "
+                             f"from a backup, or move it aside (e.g. to {self.path.name}.bad) to start a new registry")
+
+
+def _malformed(state: Any) -> str | None:
+    """What makes a parsed registry document unusable, or None."""
+    if not isinstance(state, dict) or not {"champion", "history"} <= set(state):
+        return "expected an object with 'champion' and 'history'"
+    if not isinstance(state["history"], list):
+        return "'history' is not a list"
+    for number, event in enumerate(state["history"], start=1):
+        if not isinstance(event, dict) or not isinstance(event.get("event"), str) or _bad_model(event.get("candidate")):
+            return f"history event {number} lacks an event name or a candidate with key and model_path"
+    if state["champion"] is not None and _bad_model(state["champion"]):
+        return "'champion' lacks key or model_path"
+    return None
+
+
+def _bad_model(entry: Any) -> bool:
+    return not (isinstance(entry, dict) and isinstance(entry.get("key"), str)
+                and isinstance(entry.get("model_path"), str))
+
+
+def _judged(history: list[dict[str, Any]], evaluate_key: str) -> bool:
+    return any(e["candidate"].get("evaluate_key") == evaluate_key for e in history)
 
 
 def _champion(event: dict[str, Any]) -> dict[str, Any]:

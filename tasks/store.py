@@ -23,6 +23,14 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 
 
+class StoreError(RuntimeError):
+    """The store root cannot be used; the message names it and what to do."""
+
+
+class ArtifactError(RuntimeError):
+    """A stored file fails its artifact's verification; the message names the file and the problem."""
+
+
 class ArtifactRef(BaseModel):
     """The small handle that stages pass to each other instead of arrays or models."""
 
@@ -67,6 +75,26 @@ class Store:
 
     def path(self, stage: str, key: str) -> Path:
         return self.root / stage / key
+
+    def check_readable(self) -> None:
+        """Fail with one line naming the root when it (or a parent) is not a directory; a missing root is empty."""
+        for path in (self.root, *self.root.parents):
+            if path.exists():
+                if not path.is_dir():
+                    raise StoreError(f"store {self.root}: {path} is a file, not a directory; choose another --store")
+                return
+
+    def check_writable(self) -> None:
+        """Fail with one line naming the root when artifacts cannot be written under it, before any work."""
+        self.check_readable()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".write-check-{uuid.uuid4().hex[:8]}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise StoreError(f"store {self.root} is not writable ({exc.strerror or exc}); "
+                             "choose another --store or make it writable") from None
 
     @property
     def prefect_results(self) -> Path:
@@ -204,6 +232,17 @@ def verify(directory: Path, key: str) -> str | None:
         if sha256_file(path) != meta["sha256"]:
             return f"checksum mismatch in {rel}"
     return None
+
+
+def verified_file(path: Path) -> Path:
+    """The file, once the manifest of the artifact directory holding it vouches for it and for every other file."""
+    directory = Path(path).parent
+    problem = verify(directory, directory.name)
+    if problem is None and Path(path).name not in read_manifest(directory).get("files", {}):
+        problem = "file not listed in the manifest"
+    if problem:
+        raise ArtifactError(f"{path}: fails verification against its artifact's manifest ({problem})")
+    return Path(path)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

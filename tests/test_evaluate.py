@@ -12,6 +12,8 @@ import pytest
 from tasks import evaluate
 from tasks.config import EvaluateConfig
 from tasks.data import save_dataset
+from tasks.models import ModelError
+from tasks.store import ArtifactError, write_manifest
 
 SPLIT = {"validation_size": 500, "train_size": 2500, "test_size": 1000}
 
@@ -143,6 +145,7 @@ def trained(mnist_head, tmp_path_factory):
                           s.x_train, s.y_train, root / "ann.keras"),
             "logits": _train([layers.Dense(10)], s.x_train, s.y_train, root / "logits.keras", from_logits=True),
         }
+        write_manifest(root, key=root.name)  # as the store publishes artifacts; evaluate loads only verified ones
         yield data_dir, paths, s
 
 
@@ -211,6 +214,7 @@ def test_run_rejects_a_model_with_the_wrong_output(trained, tmp_path):
     data_dir, _, _ = trained
     path = tmp_path / "five.keras"
     keras.Sequential([keras.Input((784,)), layers.Dense(5, activation="softmax")]).save(path)
+    write_manifest(tmp_path, key=tmp_path.name)
     with pytest.raises(ValueError, match="expected outputs of shape"):
         evaluate.evaluate_models(EvaluateConfig(), SPLIT, data_dir, {"softmax": path}, tmp_path)
 
@@ -222,8 +226,32 @@ def test_run_refuses_to_deserialise_code(trained, tmp_path):
     data_dir, _, _ = trained
     path = tmp_path / "lambda.keras"
     keras.Sequential([keras.Input((784,)), layers.Lambda(lambda t: t[:, :10])]).save(path)
-    with pytest.raises(ValueError, match="safe_mode"):
+    write_manifest(tmp_path, key=tmp_path.name)
+    with pytest.raises(ModelError, match="lambda.keras: refused, the model holds Python code"):
         evaluate.evaluate_models(EvaluateConfig(), SPLIT, data_dir, {"softmax": path}, tmp_path)
+
+
+def test_run_refuses_an_unverified_model(trained, tmp_path):
+    data_dir, paths, _ = trained
+    copy = tmp_path / "softmax.keras"
+    copy.write_bytes(paths["softmax"].read_bytes())  # the same model, but in no artifact
+    with pytest.raises(ArtifactError, match="softmax.keras: fails verification .*no manifest"):
+        evaluate.evaluate_models(EvaluateConfig(), SPLIT, data_dir, {"softmax": copy}, tmp_path)
+
+
+def test_run_refuses_a_model_with_non_finite_outputs(trained, tmp_path):
+    """A model whose weights trained into NaN must not get an accuracy (its argmax is always class 0)."""
+    import keras
+
+    data_dir, paths, _ = trained
+    model = keras.saving.load_model(paths["softmax"])
+    kernel, bias = model.layers[-1].get_weights()
+    model.layers[-1].set_weights([np.full_like(kernel, np.nan), bias])
+    model.save(tmp_path / "nan.keras")
+    write_manifest(tmp_path, key=tmp_path.name)
+    with pytest.raises(ModelError, match=r"nan.keras: the model outputs NaN or infinite values for 1000 of 1000"):
+        evaluate.evaluate_models(EvaluateConfig(), SPLIT, data_dir, {"pretrained": tmp_path / "nan.keras"},
+                                 tmp_path / "out")
 
 
 def test_paired_counts_who_is_right_alone_and_tests_it():

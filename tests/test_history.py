@@ -112,3 +112,27 @@ def test_trend_table_rows_share_columns_and_keep_the_last_runs():
     assert {tuple(r) for r in rows} == {tuple(rows[0])}
     assert rows[-1]["pretrained"] == pytest.approx(1.01) and rows[-1]["probe"] == 0.88 and rows[0]["probe"] is None
     assert rows[0]["cached"] == "1/2" and rows[0]["duration_s"] == 4.1 and rows[0]["data"] == "d" * 12
+
+
+def test_lines_of_the_wrong_shape_are_skipped_in_one_warning(store_root, caplog):
+    history.append(store_root, run_record(0))
+    path = store_root / "history" / "runs.jsonl"
+    with path.open("a") as fh:
+        fh.write('[1, 2]\n"text"\n{"accuracy": 5}\n{"stages": []}\n\x00\xff garbage\n')
+    history.append(store_root, run_record(1))
+    with caplog.at_level(logging.WARNING, logger="tasks.history"):
+        records = history.read(store_root)
+    assert [r["flow_run_id"] for r in records] == ["run-0", "run-1"]
+    assert history.trend(records) == "flat" and len(history.trend_table(records)) == 2
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "skipping 5 unreadable line(s)" in warnings[0] and "line 2, 3, 4, 5, 6" in warnings[0]
+    assert str(path) in warnings[0]
+
+
+def test_an_unreadable_history_is_one_error_naming_it(store_root):
+    path = store_root / "history" / "runs.jsonl"
+    path.mkdir(parents=True)  # a directory where the file should be
+    for action in (lambda: history.read(store_root), lambda: history.append(store_root, run_record(0))):
+        with pytest.raises(history.HistoryError, match=f"run history {path} cannot be"):
+            action()
+    assert path.is_dir() and not any(path.iterdir())

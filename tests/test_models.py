@@ -10,6 +10,7 @@ from tasks.config import TrainConfig, load_config
 from tasks.models import (
     LastBatchLoss,
     TF1RMSprop,
+    TrainingDiverged,
     build_ann,
     build_autoencoder,
     build_classifier,
@@ -187,3 +188,18 @@ def test_early_stopping_without_validation_is_rejected():
     compile_model(model, cfg, "sparse_categorical_crossentropy")
     with pytest.raises(ValueError, match="validation"):
         fit(model, np.zeros((4, 784), np.float32), np.zeros(4, np.int64), None, cfg)
+
+
+def test_a_diverging_training_stops_naming_the_setting(mnist):
+    """The issue's `--set pretrain.learning_rate=1e9` on the quick profile's ReLU autoencoder: NaN in epoch 1."""
+    keras.utils.set_random_seed(0)
+    cfg = load_config("quick", {"pretrain.learning_rate": 1e9}).pretrain
+    model = build_autoencoder(cfg)
+    compile_model(model, cfg, "mean_squared_error")
+    x = mnist.x_train[:3500].reshape(-1, 784).astype(np.float32) / 255
+    seen = []
+    with pytest.raises(TrainingDiverged) as info:
+        fit(model, x[500:], x[500:], (x[:500], x[:500]), cfg, lambda e, n, logs: seen.append(logs))
+    assert str(info.value) == ("pretrain: training of autoencoder diverged: the loss became nan in epoch 1; "
+                               "nothing was cached. Lower pretrain.learning_rate (now 1e+09) and run again")
+    assert len(seen) == 1 and np.isnan(seen[0]["loss_mean"])  # stopped after the first epoch, not at the end

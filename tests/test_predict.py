@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+import warnings
 from pathlib import Path
 
 import keras
@@ -9,7 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.predict import ImageError, Prediction, predict, prepare
+from tasks.models import ModelError
+from tasks.predict import MAX_PIXELS, ImageError, Prediction, predict, prepare
+from tasks.store import write_manifest
 
 FORMS = ("rgb_100px", "inverted_jpeg", "rgba_transparent", "uint16", "offcentre_canvas")
 
@@ -28,9 +32,10 @@ def model_file(mnist, tmp_path_factory) -> Path:
     model = keras.Sequential([keras.Input((784,)), keras.layers.Dense(10, activation="softmax")])
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
     model.fit(x, y, epochs=2, batch_size=32, verbose=0)
-    path = tmp_path_factory.mktemp("model") / "softmax.keras"
-    model.save(path)
-    return path
+    directory = tmp_path_factory.mktemp("model")
+    model.save(directory / "softmax.keras")
+    write_manifest(directory, key=directory.name)  # a stored model: predict loads only verified artifacts
+    return directory / "softmax.keras"
 
 
 def save_as(digit: np.ndarray, form: str, directory: Path, name: str) -> Path:
@@ -134,3 +139,51 @@ def test_predict_reports_bad_files_without_failing_the_others(model_file, mnist_
 def test_predict_with_a_missing_model_raises(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.keras"):
         predict(tmp_path / "nope.keras", [])
+
+
+def test_prepare_refuses_a_huge_image_before_decoding_it(tmp_path):
+    """10000 x 10000 pixels compress to a small PNG but took 3 GB and 12 s to decode; the header alone decides."""
+    path = tmp_path / "huge.png"
+    Image.new("1", (10_000, 10_000), 1).save(path)
+    assert path.stat().st_size < 200_000
+    started = time.perf_counter()
+    with pytest.raises(ImageError, match=r"huge.png: 10000x10000 pixels is more than predict accepts"):
+        prepare(path)
+    assert time.perf_counter() - started < 2.0
+
+
+def test_prepare_accepts_the_largest_allowed_image(tmp_path):
+    side = int(MAX_PIXELS**0.5)
+    canvas = np.zeros((side, side), np.uint8)
+    canvas[side // 3:2 * side // 3, side // 2 - 200:side // 2 + 200] = 255  # a thick "1"
+    path = tmp_path / "big.png"
+    Image.fromarray(canvas).save(path)
+    assert prepare(path).max() == pytest.approx(1.0)
+
+
+def test_prepare_rejects_non_finite_pixels(tmp_path):
+    pixels = np.zeros((28, 28), np.float32)
+    pixels[10:18, 12:16] = 1.0
+    pixels[0, 0] = np.nan
+    path = tmp_path / "float.tif"
+    Image.fromarray(pixels, mode="F").save(path)
+    with pytest.raises(ImageError, match="float.tif: the image holds NaN or infinite pixel values"):
+        prepare(path)
+
+
+def test_predict_refuses_a_model_that_holds_code(tmp_path):
+    directory = tmp_path / "artifact"
+    directory.mkdir()
+    keras.Sequential([keras.Input((784,)), keras.layers.Lambda(lambda t: t[:, :10])]).save(directory / "m.keras")
+    write_manifest(directory, key=directory.name)
+    with pytest.raises(ModelError, match="m.keras: refused, the model holds Python code"):
+        predict(directory / "m.keras", [])
+
+
+def test_prepare_refuses_an_image_past_pillows_own_limit_in_one_line(tmp_path):
+    path = tmp_path / "enormous.png"
+    Image.new("1", (20_000, 10_000), 1).save(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no decompression-bomb warning on top of the error
+        with pytest.raises(ImageError, match=r"enormous.png: more pixels than predict accepts \(16,777,216 pixels\)"):
+            prepare(path)

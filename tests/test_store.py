@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.store import Store, key_of, verify, write_json_atomic
+from tasks.store import ArtifactError, Store, StoreError, key_of, verified_file, verify, write_json_atomic
 
 INPUTS = {"stage": "s", "code_version": "c1", "config": {"lr": 0.5}, "upstream": {"a": "k1"}}
 
@@ -169,3 +169,26 @@ def test_write_json_atomic_replaces(tmp_path):
     write_json_atomic(target, {"a": 2})
     assert json.loads(target.read_text()) == {"a": 2}
     assert [p.name for p in target.parent.iterdir()] == ["r.json"]
+
+
+def test_a_store_under_a_file_is_named_before_any_work(tmp_path):
+    (tmp_path / "notes.txt").write_text("a file, not a directory")
+    store = Store(tmp_path / "notes.txt" / "store")
+    for check in (store.check_readable, store.check_writable):
+        with pytest.raises(StoreError, match=r"store .*notes.txt/store: .*notes.txt is a file, not a directory"):
+            check()
+    Store(tmp_path / "fresh").check_readable()  # a store that does not exist yet is an empty one
+    Store(tmp_path / "fresh").check_writable()
+    assert [p.name for p in (tmp_path / "fresh").iterdir()] == []  # the write probe leaves nothing behind
+
+
+def test_verified_file_vouches_only_for_intact_listed_files(tmp_path):
+    store = Store(tmp_path)
+    ref = store.materialize("s", "k" * 64, INPUTS, _produce())
+    path = Path(ref.path) / "result.txt"
+    assert verified_file(path) == path
+    with pytest.raises(ArtifactError, match="not-listed.txt: .*file not listed in the manifest"):
+        verified_file(Path(ref.path) / "not-listed.txt")
+    path.write_text("jello")
+    with pytest.raises(ArtifactError, match=r"result.txt: fails verification .*\(checksum mismatch in result.txt\)"):
+        verified_file(path)

@@ -14,6 +14,7 @@ from tasks import baselines, finetune, pretrain
 from tasks.config import load_config
 from tasks.data import Dataset, load_splits, save_dataset
 from tasks.models import build_classifier, extract_encoder, load_autoencoder
+from tasks.store import write_manifest
 
 SPLIT = {"validation_size": 500, "train_size": 3000, "test_size": 1000}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -47,6 +48,7 @@ def pretrained(data_dir, tmp_path_factory) -> tuple[Path, dict, list]:
     seen: list = []
     out = tmp_path_factory.mktemp("pretrain") / "out"
     summary = _pretrain(data_dir, out, 2, lambda e, n, logs: seen.append((e, n, logs)))
+    write_manifest(out, key=out.name)  # as the store publishes it: fine-tuning loads only a verified autoencoder
     return out, summary, seen
 
 
@@ -57,7 +59,8 @@ def _encoder_weights(model: keras.Model) -> list[np.ndarray]:
 
 def test_pretrain_writes_model_history_and_figure(pretrained, data_dir):
     out, summary, seen = pretrained
-    assert {p.name for p in out.iterdir()} == {"autoencoder.keras", "history.json", "reconstruction.png"}
+    assert {p.name for p in out.iterdir()} - {"manifest.json"} == {"autoencoder.keras", "history.json",
+                                                                   "reconstruction.png"}
     history = json.loads((out / "history.json").read_text())
     assert [row["epoch"] for row in history] == [1, 2]
     assert history[1]["loss_last_batch"] < history[0]["loss_mean"]
@@ -117,7 +120,7 @@ def test_frozen_finetuning_moves_only_the_head(pretrained, data_dir, tmp_path):
 
 
 def test_finetune_without_a_pretrained_model_fails(data_dir, tmp_path):
-    with pytest.raises(ValueError, match="autoencoder.keras"):
+    with pytest.raises(FileNotFoundError, match="autoencoder.keras"):
         _finetune(data_dir, tmp_path / "missing", tmp_path / "ft")
 
 
