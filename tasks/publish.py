@@ -109,9 +109,9 @@ def stored_candidates(store: Store, dataset: str) -> dict[str, dict[str, Any]]:
 
 
 def _dataset_of(store: Store, download_key: str | None) -> str | None:
-    """The dataset of a stored download artifact, from its manifest."""
+    """The dataset of a stored download artifact, from its manifest's summary (what the download stage returned)."""
     try:
-        return read_manifest(store.path("download", download_key or "-"))["key_inputs"]["config"]["data"]["dataset"]
+        return read_manifest(store.path("download", download_key or "-"))["summary"]["dataset"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
