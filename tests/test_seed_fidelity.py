@@ -11,6 +11,7 @@ from tasks import download, pretrain, report
 from tasks.config import DataConfig, load_config
 
 EPOCHS = len(report.NOTEBOOK_PRETRAIN_LOSS)  # 36: as far as the notebook's log goes
+STALL_EPOCHS = 8
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +33,13 @@ def test_seed_pretraining_follows_the_notebooks_log(data_dir, tmp_path):
 
 
 def test_stock_keras_rmsprop_does_not(data_dir, tmp_path):
-    """The reason for the custom optimizer: Keras 3's RMSprop (accumulator from 0) stalls on this network."""
-    stock = load_config("seed", {"pretrain.epochs": EPOCHS, "pretrain.optimizer": "rmsprop"})
+    """The reason for the custom optimizer: Keras 3's RMSprop (accumulator from 0) stalls on this network.
+
+    Eight epochs suffice: by then the stock optimizer's loss is about 84 % off the notebook's, the TF1 one's 9 %.
+    """
+    stock = load_config("seed", {"pretrain.epochs": STALL_EPOCHS, "pretrain.optimizer": "rmsprop"})
     keras.utils.set_random_seed(stock.seed)
     pretrain.run(stock.pretrain, stock.data.split(), data_dir, tmp_path)
-    difference, _ = report.loss_difference(json.loads((tmp_path / "history.json").read_text()))
-    assert difference is not None and difference > 0.15
+    difference, compared = report.loss_difference(json.loads((tmp_path / "history.json").read_text()))
+    assert compared == STALL_EPOCHS
+    assert difference is not None and difference > 0.15, f"mean relative difference {difference:.1%}"
