@@ -86,13 +86,21 @@ def test_drift_and_duplicate_columns_match_an_independent_computation(mnist, ref
     x, y = shifted(mnist.x_train[50000:50600]), mnist.y_train[50000:50600]
     x[5] = mnist.x_test[9]
     x[6] = mnist.x_train[7]
-    frame = summarize_batch(x, y, ref)
+    frame = summarize_batch(x, y, ref, alpha=0.001)
     assert list(frame.index[frame["in_test"]]) == [5] and list(frame.index[frame["in_accepted"]]) == [6]
-    ink = (x.reshape(600, -1) > 0).sum(axis=1)
-    assert frame["ink_drift_p"].iloc[0] == pytest.approx(ks_2samp(ink, (mnist.x_train > 0).sum(axis=(1, 2))).pvalue)
+    ink = ks_2samp((x > 0).sum(axis=(1, 2)), (mnist.x_train > 0).sum(axis=(1, 2)))
+    assert (frame["ink_ks_d"].iloc[0], frame["ink_ks_p"].iloc[0]) == pytest.approx((ink.statistic, ink.pvalue))
     threes = y == 3
-    expected = ks_2samp(x[threes].mean(axis=(1, 2)), mnist.x_train[mnist.y_train == 3].mean(axis=(1, 2))).pvalue
-    assert list(frame.loc[threes, "class_drift_p"]) == pytest.approx([expected] * threes.sum())
+    mean = ks_2samp(x[threes].mean(axis=(1, 2)), mnist.x_train[mnist.y_train == 3].mean(axis=(1, 2)))
+    assert list(frame.loc[threes, "class_ks_d"]) == pytest.approx([mean.statistic] * threes.sum())
+    assert list(frame.loc[threes, "class_ks_p"]) == pytest.approx([mean.pvalue] * threes.sum())
+
+
+def test_other_writers_differ_significantly_but_not_far(mnist, ref):
+    """MNIST's last 1,000 training images, shifted: KS p < 0.001 on ink, yet a distance far below the bound."""
+    frame = summarize_batch(shifted(mnist.x_train[59000:]), mnist.y_train[59000:], ref, alpha=0.001)
+    assert frame["ink_ks_p"].iloc[0] < 0.001 and frame["ink_drift"].iloc[0] == frame["ink_ks_d"].iloc[0]
+    assert frame["ink_drift"].max() < 0.15 and frame["class_drift"].max() < 0.3
 
 
 def test_inverted_images_drift(mnist, ref, tmp_path):
