@@ -65,11 +65,3 @@ def mnist_head(mnist) -> Callable[[int, int], Dataset]:
                        mnist.x_test[:test].copy(), mnist.y_test[:test].copy())
 
     return head
-
-
-def shifted(images: np.ndarray, dy: int = 1, dx: int = 1) -> np.ndarray:
-    """The digits moved by (dy, dx) pixels, the background filling in: new images drawn as MNIST draws them."""
-    out = np.zeros_like(images)
-    out[:, max(dy, 0):images.shape[1] + min(dy, 0), max(dx, 0):images.shape[2] + min(dx, 0)] = \
-        images[:, max(-dy, 0):images.shape[1] - max(dy, 0), max(-dx, 0):images.shape[2] - max(dx, 0)]
-    return out

@@ -6,7 +6,6 @@ import gzip
 
 import numpy as np
 import pytest
-from conftest import shifted
 from PIL import Image
 
 from tasks.batches import content_hash, entries, load_accepted, read_batch
@@ -83,7 +82,7 @@ def ref(mnist):
 def test_drift_and_duplicate_columns_match_an_independent_computation(mnist, ref):
     from scipy.stats import ks_2samp
 
-    x, y = shifted(mnist.x_train[50000:50600]), mnist.y_train[50000:50600]
+    x, y = np.roll(mnist.x_train[50000:50600], (1, 1), axis=(1, 2)), mnist.y_train[50000:50600]
     x[5] = mnist.x_test[9]
     x[6] = mnist.x_train[7]
     frame = summarize_batch(x, y, ref, alpha=0.001)
@@ -98,14 +97,15 @@ def test_drift_and_duplicate_columns_match_an_independent_computation(mnist, ref
 
 def test_other_writers_differ_significantly_but_not_far(mnist, ref):
     """MNIST's last 1,000 training images, shifted: KS p < 0.001 on ink, yet a distance far below the bound."""
-    frame = summarize_batch(shifted(mnist.x_train[59000:]), mnist.y_train[59000:], ref, alpha=0.001)
+    x, y = np.roll(mnist.x_train[59000:], (1, 1), axis=(1, 2)), mnist.y_train[59000:]
+    frame = summarize_batch(x, y, ref, alpha=0.001)
     assert frame["ink_ks_p"].iloc[0] < 0.001 and frame["ink_drift"].iloc[0] == frame["ink_ks_d"].iloc[0]
     assert frame["ink_drift"].max() < 0.15 and frame["class_drift"].max() < 0.3
 
 
 def test_inverted_images_drift(mnist, ref, tmp_path):
     """Another scanner's polarity: same digits, same labels, refused by both drift tests and named."""
-    x, y = 255 - shifted(mnist.x_train[50000:50600]), mnist.y_train[50000:50600]
+    x, y = 255 - np.roll(mnist.x_train[50000:50600], (1, 1), axis=(1, 2)), mnist.y_train[50000:50600]
     with pytest.raises(ValidationFailed) as info:
         validate_batch("inverted", x, y, ref, ValidateConfig(), tmp_path)
     titles = {line.split(" (", 1)[0] for line in info.value.failures}

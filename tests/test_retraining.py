@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shifted
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.cli import main as cli
@@ -62,25 +61,27 @@ def first(places) -> dict:
 
 @pytest.fixture(scope="module")
 def added(first, places, mnist) -> dict[str, tuple[int, str]]:
-    """`mnist-ae data add` of a clean batch and three broken ones; exit code and output of each."""
+    """A clean batch and three broken ones arrive; exit code and output of `mnist-ae data add` for two of them."""
     drops = places["drops"]
     drops.mkdir()
-    np.savez(drops / "clean.npz", x=shifted(mnist.x_train[CLEAN]), y=mnist.y_train[CLEAN])
-    x, y = shifted(mnist.x_train[56000:57000], -1, 1), mnist.y_train[56000:57000]
+    np.savez(drops / "clean.npz", x=np.roll(mnist.x_train[CLEAN], (1, 1), axis=(1, 2)), y=mnist.y_train[CLEAN])
+    x, y = np.roll(mnist.x_train[56000:57000], (-1, 1), axis=(1, 2)), mnist.y_train[56000:57000]
     np.savez(drops / "permuted.npz", x=x, y=(y + 1) % 10)  # every label names the next digit
     leak = drops / "leak"
     leak.mkdir()
-    x, y = shifted(mnist.x_train[57000:57500], 1, -1), mnist.y_train[57000:57500].copy()
+    x, y = np.roll(mnist.x_train[57000:57500], (1, -1), axis=(1, 2)), mnist.y_train[57000:57500].copy()
     x[17], y[17] = mnist.x_test[3], mnist.y_test[3]  # one test image, copied into training data
     (leak / "leak-images-idx3-ubyte.gz").write_bytes(gzip.compress(encode_idx(x)))
     (leak / "leak-labels-idx1-ubyte.gz").write_bytes(gzip.compress(encode_idx(y)))
     outcome = {}
-    for name in ("clean.npz", "permuted.npz", "leak"):
+    for name in ("clean.npz", "leak"):
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             code = cli(["data", "add", str(drops / name), *cli_args(places)])
         outcome[name] = (code, out.getvalue())
-    (places["incoming"] / "cut.npz").write_bytes((drops / "clean.npz").read_bytes()[:5000])  # a cut-off upload
+    # Dropped without the command, as a copy into the directory would: a batch with wrong labels, a cut-off upload.
+    (drops / "permuted.npz").rename(places["incoming"] / "permuted.npz")
+    (places["incoming"] / "cut.npz").write_bytes((drops / "clean.npz").read_bytes()[:5000])
     return outcome
 
 
@@ -100,9 +101,6 @@ def second(added, places) -> tuple[dict, list[logging.LogRecord]]:
 def test_data_add_says_what_the_next_run_will_do(added, places):
     code, out = added["clean.npz"]
     assert code == 0 and "1000 images" in out and out.strip().endswith("the next run accepts it")
-    code, out = added["permuted.npz"]
-    assert code == 1 and "the next run quarantines it" in out
-    assert "mean intensity per image distributed as in the accepted data, class by class" in out
     code, out = added["leak"]
     assert code == 1 and "no image duplicates a test image" in out and "batch image 17" in out
     assert sorted(p.name for p in places["incoming"].iterdir()) == ["clean.npz", "cut.npz", "leak", "permuted.npz"]
