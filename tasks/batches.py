@@ -89,11 +89,13 @@ def load_accepted(incoming: Path | None, hashes: tuple[str, ...]) -> tuple[np.nd
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as npz:
-            if missing := [k for k in ("x", "y") if k not in npz.files]:
-                raise DataError(f"{path}: no array {' or '.join(missing)} (it holds {', '.join(npz.files) or 'none'})")
-            x, y = npz["x"], npz["y"]
+            arrays = {k: npz[k] for k in npz.files if k in ("x", "y")}
+            held = ", ".join(npz.files) or "none"
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"{path}: not a readable .npz ({exc})") from None
+    if missing := [k for k in ("x", "y") if k not in arrays]:
+        raise DataError(f"{path}: no array {' or '.join(missing)} (it holds {held})")
+    x, y = arrays["x"], arrays["y"]
     if x.ndim != 3:
         raise DataError(f"{path}: x has shape {x.shape}, expected N x 28 x 28 images")
     if y.ndim != 1:

@@ -77,7 +77,8 @@ class DataConfig(_Section):
     def _incoming_directory(cls, v: Path | None) -> Path | None:
         if v is not None and v.exists() and not v.is_dir():
             raise ValueError(f"{v} is not a directory")
-        return v
+        # Absolute, so that a stage on a Dask worker with another working directory finds the same batches.
+        return None if v is None else v.resolve()
 
     def split(self) -> SplitSpec:
         """The fields that decide which images the model stages see."""

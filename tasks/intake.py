@@ -77,8 +77,14 @@ def look(cfg: DataConfig, store: Store) -> Intake:
 def admit(config: PipelineConfig, store: Store) -> Intake:
     """Validate every new batch in turn against the base data and the batches accepted so far; accept or quarantine.
 
-    A batch that cannot be parsed, or fails any expectation, is quarantined and the others go on.
+    A batch that cannot be parsed, or fails any expectation, is quarantined and the others go on. Under the
+    store's intake lock, so two runs starting together judge each batch once.
     """
+    with store.lock("intake"):
+        return _admit(config, store)
+
+
+def _admit(config: PipelineConfig, store: Store) -> Intake:
     cfg = config.data
     found = scan(cfg.incoming)
     accepted = sorted({b.sha256 for _, b in found if isinstance(b, Batch) and is_accepted(store, b.sha256)})

@@ -113,3 +113,16 @@ def test_inverted_images_drift(mnist, ref, tmp_path):
                       "mean intensity per image distributed as in the accepted data, class by class"}
     assert "10 class(es) drifted" in str(info.value)
     assert (tmp_path / "data_docs" / "index.html").is_file() and (tmp_path / "validation.json").is_file()
+
+
+def test_data_add_refuses_a_bad_batch_before_copying_it(tmp_path, capsys):
+    from flows.cli import main as cli
+
+    bad, incoming = tmp_path / "week.npz", tmp_path / "incoming"
+    np.savez(bad, x=np.zeros((3, 28, 28), np.uint8))
+    settings = ["--store", str(tmp_path / "s"), "--set", f"data.incoming={incoming}"]
+    assert cli(["data", "add", str(bad), *settings]) == 1
+    assert capsys.readouterr().err == f"mnist-ae: {bad}: no array y (it holds x)\n"
+    assert list(incoming.iterdir()) == []
+    assert cli(["data", "list", "--store", str(tmp_path / "s")]) == 2
+    assert "data.incoming: no incoming directory is configured" in capsys.readouterr().err
