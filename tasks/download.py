@@ -104,11 +104,10 @@ def run(cfg: DataConfig, out: Path) -> dict[str, Any]:
     ds, description = fetch(cfg)
     x_batches, y_batches = batches.load_accepted(cfg.incoming, cfg.batches)
     save_dataset(replace(ds, x_batches=x_batches, y_batches=y_batches), out)
-    description["counts"]["batches"] = len(y_batches)
-    description["batches"] = list(cfg.batches)
     if cfg.batches:
         log.info("added %d images of %d accepted batch(es)", len(y_batches), len(cfg.batches))
-    return description
+    return {**description, "counts": {**description["counts"], "batches": len(y_batches)},
+            "batches": list(cfg.batches)}
 
 
 # The key covers the dataset and the accepted batches: where the files were found never changes them, since the
