@@ -55,7 +55,8 @@ def main() -> None:
                     f"{by_class['class_ks_d'].max():.3f} | {by_class['class_ks_p'].min():.1e} | "
                     f"{'refused' if drifted else 'accepted'} |")
     text = "\n".join([
-        f"# Drift check calibration ({datetime.now(UTC):%Y-%m-%d}, {platform.machine()} {platform.system()})",
+        f"# Drift check calibration ({datetime.now(UTC):%Y-%m-%d}, {os.cpu_count()}-core {platform.machine()} "
+        f"{platform.system()})",
         "",
         f"Rule: drifted when a two-sample KS test is significant (ink: p < {cfg.drift_alpha:g}; per class: "
         f"p < {cfg.drift_alpha / 10:g}) and its distance D >= {cfg.drift_max_distance:g}. "
