@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TEST_MIRROR ?= $(abspath ../shared/data/mnist)
 PROFILE ?= default
 
-.PHONY: run test lint bench bench-runners clean
+.PHONY: run test lint bench bench-runners bench-drift clean
 
 $(BIN)/mnist-ae: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ bench: $(BIN)/mnist-ae
 
 bench-runners: $(BIN)/mnist-ae
 	$(BIN)/python bench/runners.py
+
+bench-drift: $(BIN)/mnist-ae
+	MNIST_MIRROR=$(TEST_MIRROR) $(BIN)/python bench/drift.py
 
 clean:
 	rm -rf $(VENV) artifacts/*/ artifacts/.[!.]* .pytest_cache

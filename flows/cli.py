@@ -1,11 +1,15 @@
-"""`mnist-ae`: run the pipeline, show what is cached, manage the champion model, classify images."""
+"""`mnist-ae`: run the pipeline, show what is cached, take in labeled batches, manage the champion, classify images."""
 
 from __future__ import annotations
 
 import argparse
 import getpass
 import json
+import os
+import shutil
 import sys
+import tempfile
+import uuid
 from pathlib import Path
 from typing import get_args
 
@@ -71,6 +75,15 @@ def _parser() -> argparse.ArgumentParser:
     rollback = sub.add_parser("rollback", help="make the previous champion the champion again")
     rollback.add_argument("--store")
     rollback.add_argument("--dataset", default="mnist", choices=get_args(Dataset))
+    data = sub.add_parser("data", help="labeled batches arriving in the incoming directory (data.incoming)")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    add = data_sub.add_parser("add", help="copy batches into the incoming directory and validate them now: "
+                                          "would the next run accept them?")
+    add.add_argument("paths", nargs="+", type=Path, metavar="PATH",
+                     help="a .npz with x and y, or a directory with an IDX image/label pair or class folders 0..9")
+    _config_args(add)
+    listed = data_sub.add_parser("list", help="every batch: accepted, pending or quarantined, with counts")
+    _config_args(listed)
     predict = sub.add_parser("predict", help="classify digit images (PNG/JPEG) with the champion model")
     predict.add_argument("images", nargs="+", type=Path)
     predict.add_argument("--json", action="store_true", help="machine-readable output")
@@ -103,6 +116,10 @@ def _run(args: argparse.Namespace) -> int:
                       force=args.force or None, store=args.store, runner=args.runner,
                       dask_address=args.dask_address)
     print(f"store: {result['store']}")
+    for verdict in (result.get("batches") or {}).get("verdicts", []):
+        outcome = "accepted" if verdict["accepted"] else f"quarantined in {verdict['where']}: " + \
+            "; ".join(verdict["failures"])
+        print(f"  batch {verdict['name']} ({verdict['images']} images) {outcome}")
     for stage, ref in result["stages"].items():
         print(f"  {stage:<9} {'cached' if ref['cached'] else 'computed':<8} {ref['path']}")
     if result.get("report"):
@@ -111,13 +128,17 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from tasks import graph
-    from tasks.store import Store
+    from tasks import graph, intake
 
     config = _config(args)
     store = Store(config.store)
     store.check_readable()
     print(f"profile {config.profile}, store {store.root}")
+    if config.data.incoming:
+        batches = intake.look(config.data, store)
+        config = batches.apply(config)
+        print(f"  incoming {config.data.incoming}: {len(batches.accepted)} accepted batch(es), {batches.pending} new "
+              "(the next run validates them)")
     for step in graph.plan(config, store):
         state = "cached" if step.cached else f"not cached ({step.reason})"
         print(f"  {step.stage:<9} {step.key[:16]}  {state}")
@@ -170,7 +191,67 @@ def _predict(args: argparse.Namespace) -> int:
     return 1 if any(r.error for r in results) else 0
 
 
-COMMANDS = {"run": _run, "status": _status, "promote": _promote, "rollback": _rollback, "predict": _predict}
+def _incoming(config: PipelineConfig) -> Path:
+    if config.data.incoming is None:
+        raise ConfigError("data.incoming: no incoming directory is configured; set MNIST_AE_INCOMING or "
+                          "--set data.incoming=DIR")
+    return config.data.incoming
+
+
+def _data(args: argparse.Namespace) -> int:
+    return _data_add(args) if args.data_command == "add" else _data_list(args)
+
+
+def _data_add(args: argparse.Namespace) -> int:
+    from tasks.batches import read_batch
+    from tasks.intake import check
+
+    config = _config(args)
+    incoming = _incoming(config)
+    store = Store(config.store)
+    store.check_readable()
+    incoming.mkdir(parents=True, exist_ok=True)
+    refused = 0
+    for path in args.paths:
+        target = incoming / path.name
+        if target.exists():
+            raise DataError(f"{target}: a batch of that name is already in the incoming directory; rename {path}")
+        batch = read_batch(path)  # strictly, before anything is copied
+        # Copied under a hidden name and renamed, so a run never sees half a batch.
+        staging = incoming / f".{path.name}.{uuid.uuid4().hex[:8]}"
+        if path.is_dir():
+            shutil.copytree(path, staging)
+        else:
+            shutil.copyfile(path, staging)
+        os.replace(staging, target)
+        with tempfile.TemporaryDirectory(prefix="mnist-ae-check-") as docs:
+            verdict = check(config, store, batch, Path(docs))
+        if verdict.accepted:
+            print(f"{target}: {verdict.images} images, sha256 {batch.sha256[:12]}; the next run accepts it")
+        else:
+            refused += 1
+            print(f"{target}: {verdict.images} images, sha256 {batch.sha256[:12]}; the next run quarantines it:\n"
+                  + "\n".join(f"  - {line}" for line in verdict.failures))
+    return 1 if refused else 0
+
+
+def _data_list(args: argparse.Namespace) -> int:
+    from tasks.intake import listing
+
+    config = _config(args)
+    incoming = _incoming(config)
+    store = Store(config.store)
+    store.check_readable()
+    rows = listing(config.data, store)
+    print(f"incoming {incoming}: {len(rows)} batch(es)")
+    for row in rows:
+        images = "?" if row["images"] is None else f"{row['images']:,}"
+        print(f"  {row['batch']:<24} {row['status']:<11} {images:>7} images  {row['sha256'] or '-':<12}  {row['why']}")
+    return 0
+
+
+COMMANDS = {"run": _run, "status": _status, "data": _data, "promote": _promote, "rollback": _rollback,
+            "predict": _predict}
 
 
 def main(argv: list[str] | None = None) -> int:

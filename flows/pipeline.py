@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -17,6 +18,7 @@ from flows.stages import (
     pretrain,
     publish_run,
     report,
+    take_in,
     validate,
 )
 from tasks.config import Stage, check_stages, load_config
@@ -45,6 +47,11 @@ def pipeline(
     """
     config = load_config(profile, overrides or {}, store)
     check_stages(config, stages or [], force or [])
+    # New batches are validated before any key is planned, so the data artifact's key covers exactly the accepted
+    # ones and a quarantined batch never reaches training. A run that takes the data from the store validates none.
+    batches = take_in(config, "download" in (stages or config.stages)) if config.data.incoming else None
+    if batches is not None:
+        config = batches.apply(config)
     run = PipelineRun(config, only=stages, force=force)
     with running_on(task_runner(runner, dask_address)):
         data = run.stage(download, config.data)
@@ -60,8 +67,9 @@ def pipeline(
     logger = get_run_logger()
     for stage, ref in refs.items():
         logger.info("%-9s %-8s %s", stage, "cached" if ref.cached else "computed", ref.path)
-    published = publish_run(config, refs, run.validated(refs))
+    published = publish_run(config, refs, run.validated(refs), batches)
     if published.get("report"):
         logger.info("report: %s", published["report"])
     return {"flow_run_id": flow_run.get_id(), "store": str(run.store.root),
-            "stages": {s: r.model_dump(mode="json") for s, r in refs.items()}, **published}
+            "stages": {s: r.model_dump(mode="json") for s, r in refs.items()},
+            "batches": None if batches is None else asdict(batches), **published}

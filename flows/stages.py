@@ -21,9 +21,10 @@ from prefect.states import Completed, State
 from prefect.tasks import Task, exponential_backoff
 from pydantic import BaseModel
 
-from tasks import graph, publish
+from tasks import graph, intake, publish
 from tasks.config import PipelineConfig, Stage
 from tasks.download import NetworkError
+from tasks.intake import Intake
 from tasks.models import Progress
 from tasks.store import ArtifactRef, Store
 
@@ -88,6 +89,15 @@ report = run_stage.with_options(name="report")
 Upstream = PrefectFuture[ArtifactRef] | ArtifactRef | None
 
 
+@task(name="intake", cache_policy=NO_CACHE)
+def take_in(config: PipelineConfig, validate_new: bool) -> Intake:
+    """The incoming batches the training data includes: new ones validated now (accepted or quarantined) when
+    `validate_new`, else only those accepted earlier (a run that takes the data artifact from the store)."""
+    store = Store(config.store)
+    store.check_writable()  # verdicts are stored; a bad store path fails here, named, before any work
+    return intake.admit(config, store) if validate_new else intake.look(config.data, store)
+
+
 class PipelineRun:
     """The stages of one flow run: each is submitted, taken from the store (`--only`), or skipped (not in the
     profile), and the results are gathered in pipeline order."""
@@ -132,8 +142,10 @@ class PipelineRun:
 
 
 @task(name="publish")
-def publish_run(config: PipelineConfig, refs: dict[str, ArtifactRef], validated: bool) -> dict[str, Any]:
-    """Challenge the champion with an evaluated model not judged before, append the run history, write the report."""
+def publish_run(config: PipelineConfig, refs: dict[str, ArtifactRef], validated: bool,
+                batches: Intake | None = None) -> dict[str, Any]:
+    """Challenge the champion with an evaluated model not judged before, append the run history, write the report
+    (with a section on the incoming batches when the run takes them in)."""
     store = Store(config.store)
     run_id = flow_run.get_id()
     # Each evaluation is judged once, cached or not (publish.promote skips one already judged).
@@ -141,7 +153,9 @@ def publish_run(config: PipelineConfig, refs: dict[str, ArtifactRef], validated:
     publish.record(config, store, refs, decision, run_id)
     if "report" not in refs:
         return {"decision": decision and decision.reason}
-    paths = publish.run_report(config, store, refs, decision, run_id)
+    section = (intake.report_section(batches, refs["download"].summary, config.data.split())
+               if batches is not None and "download" in refs else [])
+    paths = publish.run_report(config, store, refs, decision, run_id, section)
     create_markdown_artifact(key=REPORT_ARTIFACT, markdown=publish.markdown_without_figures(paths["blocks"])
                              + f"\n\nFull report with figures: `{paths['html']}`\n", description=config.report.title)
     if rows := refs["report"].summary.get("rows"):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +12,27 @@ from tasks.config import SplitSpec
 DATA_FILE = "data.npz"
 
 
+def _no_images() -> np.ndarray:
+    return np.empty((0, 28, 28), np.uint8)
+
+
+def _no_labels() -> np.ndarray:
+    return np.empty((0,), np.uint8)
+
+
 @dataclass(frozen=True)
 class Dataset:
-    """Raw arrays as parsed from the IDX files: uint8 images (n, 28, 28) and uint8 labels (n,)."""
+    """Raw arrays as parsed from the IDX files: uint8 images (n, 28, 28) and uint8 labels (n,).
+
+    `x_batches`/`y_batches` are the accepted incoming batches, which join the training images.
+    """
 
     x_train: np.ndarray
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    x_batches: np.ndarray = field(default_factory=_no_images)
+    y_batches: np.ndarray = field(default_factory=_no_labels)
 
 
 @dataclass(frozen=True)
@@ -36,28 +49,46 @@ class Splits:
 
 def save_dataset(ds: Dataset, directory: Path) -> Path:
     path = directory / DATA_FILE
-    np.savez(path, x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test, y_test=ds.y_test)
+    np.savez(path, x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test, y_test=ds.y_test,
+             x_batches=ds.x_batches, y_batches=ds.y_batches)
     return path
 
 
 def load_dataset(directory: str | Path) -> Dataset:
     with np.load(Path(directory) / DATA_FILE) as npz:
-        return Dataset(npz["x_train"], npz["y_train"], npz["x_test"], npz["y_test"])
+        batches = (npz["x_batches"], npz["y_batches"]) if "x_batches" in npz.files else (_no_images(), _no_labels())
+        return Dataset(npz["x_train"], npz["y_train"], npz["x_test"], npz["y_test"], *batches)
 
 
 def _model_ready(images: np.ndarray) -> np.ndarray:
     return (images.reshape(len(images), -1 if len(images) else 28 * 28) / np.float32(255.0)).astype(np.float32)
 
 
+def _train_slice(validation_size: int, train_size: int | None) -> slice:
+    return slice(validation_size, None if train_size is None else validation_size + train_size)
+
+
+def training_images(base: int, batches: int, validation_size: int, train_size: int | None = None,
+                    test_size: int | None = None) -> int:
+    """How many images the model stages train on: the configured slice of `base` images plus every batch image."""
+    return len(range(base)[_train_slice(validation_size, train_size)]) + batches
+
+
 def split(ds: Dataset, validation_size: int, train_size: int | None = None, test_size: int | None = None) -> Splits:
-    """Hold out the first `validation_size` training images, as TF1's MNIST reader did; then take slices."""
+    """Hold out the first `validation_size` training images, as TF1's MNIST reader did; then take slices.
+
+    The accepted incoming batches join the training slice whole: they never enter the held-out or test images.
+    """
     if validation_size >= len(ds.x_train):
         raise ValueError(f"validation_size {validation_size} leaves no training images out of {len(ds.x_train)}")
     val = slice(0, validation_size)
-    train = slice(validation_size, None if train_size is None else validation_size + train_size)
+    train = _train_slice(validation_size, train_size)
     test = slice(0, test_size)
+    x_train, y_train = ds.x_train[train], ds.y_train[train]
+    if len(ds.y_batches):
+        x_train, y_train = np.concatenate([x_train, ds.x_batches]), np.concatenate([y_train, ds.y_batches])
     return Splits(
-        x_train=_model_ready(ds.x_train[train]), y_train=ds.y_train[train].astype(np.int64),
+        x_train=_model_ready(x_train), y_train=y_train.astype(np.int64),
         x_val=_model_ready(ds.x_train[val]), y_val=ds.y_train[val].astype(np.int64),
         x_test=_model_ready(ds.x_test[test]), y_test=ds.y_test[test].astype(np.int64),
     )

@@ -12,13 +12,14 @@ import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tasks import idx
+from tasks import batches, idx
 from tasks.config import DataConfig
 from tasks.contract import Contract
 from tasks.data import DATA_FILE, Dataset, save_dataset
@@ -99,20 +100,27 @@ def fetch(cfg: DataConfig) -> tuple[Dataset, dict[str, Any]]:
 
 
 def run(cfg: DataConfig, out: Path) -> dict[str, Any]:
-    """Fetch the dataset, write `data.npz` into `out` and return where it came from."""
+    """Fetch the dataset, add the accepted incoming batches, write `data.npz` into `out`; say what it holds."""
     ds, description = fetch(cfg)
-    save_dataset(ds, out)
-    return description
+    x_batches, y_batches = batches.load_accepted(cfg.incoming, cfg.batches)
+    save_dataset(replace(ds, x_batches=x_batches, y_batches=y_batches), out)
+    if cfg.batches:
+        log.info("added %d images of %d accepted batch(es)", len(y_batches), len(cfg.batches))
+    return {**description, "counts": {**description["counts"], "batches": len(y_batches)},
+            "batches": list(cfg.batches)}
 
 
-# The key covers the dataset only: where the files were found never changes them (their payloads are verified).
-CONTRACT = Contract(stage="download", run=run, section="data", keyed=("dataset",), reads={}, writes=(DATA_FILE,),
-                    code=(__name__, "tasks.idx", "tasks.data"))
+# The key covers the dataset and the accepted batches: where the files were found never changes them, since the
+# base payloads are verified against pinned hashes and each batch against its content hash.
+CONTRACT = Contract(stage="download", run=run, section="data", keyed=("dataset", "batches"), reads={},
+                    writes=(DATA_FILE,), code=(__name__, "tasks.idx", "tasks.data"))
 
 
 def fingerprint(cfg: DataConfig) -> str:
-    """Identifies the exact images the model stages see: the verified payloads plus the split."""
-    return key_of({"payload": PAYLOAD_SHA256[cfg.dataset], "split": cfg.split()})[:16]
+    """Identifies the exact images the model stages see: the verified payloads, the split and the accepted batches."""
+    # Without batches the fingerprint is the one of earlier versions, so their champions need no re-scoring.
+    extra = {"batches": list(cfg.batches)} if cfg.batches else {}
+    return key_of({"payload": PAYLOAD_SHA256[cfg.dataset], "split": cfg.split(), **extra})[:16]
 
 
 def list_sources(cfg: DataConfig) -> list[tuple[str, Callable[[], Loaded], bool]]:

@@ -163,8 +163,8 @@ def run_section(refs: dict[str, ArtifactRef], decision: Decision | None, records
 
 
 def run_report(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef], decision: Decision | None,
-               flow_run_id: str | None) -> dict[str, Path]:
-    """Write this run's report (the report stage's, plus the run section) under `<store>/runs/`, atomically."""
+               flow_run_id: str | None, extra: list[document.Block] | None = None) -> dict[str, Path]:
+    """Write this run's report (the report stage's, the run section and `extra` blocks) under `<store>/runs/`."""
     report_dir = Path(refs["report"].path)
     name = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{(flow_run_id or uuid.uuid4().hex)[:8]}"
     staging = store.root / RUNS_DIR / f".{name}.tmp"
@@ -172,7 +172,7 @@ def run_report(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef
     blocks = document.load_blocks(report_dir / document.BLOCKS_FILE)
     comparable = [r for r in history.read(store.root)
                   if r.get("profile") == config.profile and r.get("dataset", "mnist") == config.data.dataset]
-    blocks += run_section(refs, decision, comparable, staging, flow_run_id)
+    blocks += run_section(refs, decision, comparable, staging, flow_run_id) + (extra or [])
     document.render(blocks, staging, report.REPORT_NAME, assets=report_dir)
     final = store.root / RUNS_DIR / name
     os.replace(staging, final)

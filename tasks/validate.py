@@ -7,9 +7,11 @@ import json
 import logging
 import math
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "test")
+DRIFT_COLUMNS = ("ink_drift", "class_drift")
 CLASSES = list(range(10))
 IMAGE_SIDE = 28
 IMAGE_DTYPE = "uint8"
@@ -59,8 +62,12 @@ def summarize(ds: Dataset) -> pd.DataFrame:
 
     Works on arrays of any dtype (float images with NaN, float or out-of-range labels) so that a
     corrupted artifact is described, and then reported by the suite, rather than crashing here.
+    The accepted incoming batches are training images too and follow the base ones.
     """
-    train = _summarize_split("train", ds.x_train, ds.y_train)
+    x_train, y_train = ds.x_train, ds.y_train
+    if len(ds.y_batches):
+        x_train, y_train = np.concatenate([x_train, ds.x_batches]), np.concatenate([y_train, ds.y_batches])
+    train = _summarize_split("train", x_train, y_train)
     test = _summarize_split("test", ds.x_test, ds.y_test)
     # Only test rows are flagged, so each leaked image is counted once.
     test["in_other_split"] = test["hash"].isin(set(train["hash"]))
@@ -88,10 +95,15 @@ def _summarize_split(split: str, images: np.ndarray, labels: np.ndarray) -> pd.D
         "mean": _per_image(flat, np.nanmean if floating else np.mean),
         "ink": np.count_nonzero(flat > 0, axis=1),
         "has_nan": np.isnan(flat).any(axis=1) if floating else np.zeros(n, dtype=bool),
-        "hash": [hashlib.blake2b(row.tobytes(), digest_size=16).hexdigest() for row in flat],
+        "hash": _hashes(flat),
         "class_share": _class_share(label_values),
         "in_other_split": False,
     })
+
+
+def _hashes(flat: np.ndarray) -> list[str]:
+    """A content hash per image row, so that equal images are found across splits and batches."""
+    return [hashlib.blake2b(row.tobytes(), digest_size=16).hexdigest() for row in flat]
 
 
 def _per_image(flat: np.ndarray, reduce: Callable[..., np.ndarray]) -> np.ndarray:
@@ -107,6 +119,64 @@ def _class_share(labels: np.ndarray) -> np.ndarray:
     """Each image's class share within its split, so one column expectation bounds every class at once."""
     series = pd.Series(labels)
     return series.map(series.value_counts(normalize=True)).to_numpy(dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What a new batch is checked against: the training images accepted so far and the test images."""
+
+    train_hashes: frozenset[str]
+    test_hashes: frozenset[str]
+    ink: np.ndarray  # per accepted training image
+    mean: np.ndarray
+    labels: np.ndarray
+
+
+def reference(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) -> Reference:
+    """The reference of the accepted training images (base and batches) and the test images."""
+    train = np.ascontiguousarray(x_train.reshape(len(x_train), -1))
+    test = np.ascontiguousarray(x_test.reshape(len(x_test), -1))
+    return Reference(frozenset(_hashes(train)), frozenset(_hashes(test)), np.count_nonzero(train > 0, axis=1),
+                     train.mean(axis=1), np.asarray(y_train, np.float64))
+
+
+def summarize_batch(x: np.ndarray, y: np.ndarray, ref: Reference, alpha: float) -> pd.DataFrame:
+    """The per-image summary of a new batch, plus what only new data can break: duplicates and drift.
+
+    Drift is tested with the two-sample Kolmogorov-Smirnov test (scipy.stats.ks_2samp) against the accepted
+    images: of the ink per image (pixels above 0) over the batch, at level `alpha`, and of the mean intensity per
+    image within each class, at `alpha` / 10 (Bonferroni over the classes). Both statistics are unchanged by
+    shifting a digit, but not by inverting it, by another scanner's contrast or by labels that name the wrong
+    digits. Clean batches from other writers differ significantly too when they are large (MNIST's own training
+    slices do, at distances D up to 0.22), so `ink_drift` and `class_drift` hold the KS distance D where the
+    test is significant (0 where it is not) for the suite to bound; each row carries its test's numbers, so one
+    column expectation covers them all.
+    """
+    frame = _summarize_split("batch", x, y)
+    frame["in_test"] = frame["hash"].isin(ref.test_hashes)
+    frame["in_accepted"] = frame["hash"].isin(ref.train_hashes)
+    frame["ink_ks_d"], frame["ink_ks_p"] = _ks(frame["ink"].to_numpy(np.float64), ref.ink)
+    distance, p_value = np.zeros(len(frame)), np.ones(len(frame))
+    labels, means = frame["label"].to_numpy(), frame["mean"].to_numpy()
+    for label in np.unique(labels[~np.isnan(labels)]):
+        rows, accepted = labels == label, ref.labels == label
+        if accepted.any():
+            distance[rows], p_value[rows] = _ks(means[rows], ref.mean[accepted])
+    frame["class_ks_d"], frame["class_ks_p"] = distance, p_value
+    frame["ink_drift"] = frame["ink_ks_d"].where(frame["ink_ks_p"] < alpha, 0.0)
+    frame["class_drift"] = frame["class_ks_d"].where(frame["class_ks_p"] < alpha / len(CLASSES), 0.0)
+    return frame
+
+
+def _ks(sample: np.ndarray, accepted: np.ndarray) -> tuple[float, float]:
+    """Distance D and p-value of the two-sample Kolmogorov-Smirnov test (NaN left out); (0, 1) for an empty sample."""
+    from scipy.stats import ks_2samp
+
+    sample = sample[~np.isnan(sample)]
+    if not len(sample) or not len(accepted):
+        return 0.0, 1.0
+    result = ks_2samp(sample, accepted)
+    return float(result.statistic), float(result.pvalue)
 
 
 # Expectation suite -----------------------------------------------------------------------------------------------
@@ -130,6 +200,23 @@ def build_expectations(cfg: ValidateConfig, expected_rows: Mapping[str, int]) ->
     return [
         *(e.ExpectTableRowCountToEqual(value=expected_rows[s], row_condition=in_split[s],
                                        description=f"{s} has {expected_rows[s]:,} images") for s in SPLITS),
+        *_image_expectations(e),
+        *(e.ExpectColumnDistinctValuesToContainSet(column="label", value_set=CLASSES, row_condition=in_split[s],
+                                                   description=f"every class 0..9 present in {s}") for s in SPLITS),
+        *(e.ExpectColumnValuesToBeBetween(column="class_share", min_value=cfg.min_class_share,
+                                          max_value=cfg.max_class_share, row_condition=in_split[s],
+                                          description=f"{s} class shares within {share}",
+                                          meta={"unexpected": "image(s) in classes outside these shares"})
+          for s in SPLITS),
+        e.ExpectColumnValuesToBeInSet(column="in_other_split", value_set=[False], row_condition=in_split["test"],
+                                      description="no test image duplicates a training image",
+                                      meta={"unexpected": "test image(s) duplicate training images"}),
+    ]
+
+
+def _image_expectations(e: Any) -> list[Expectation]:
+    """The checks every image and label must pass, in the base data and in every new batch."""
+    return [
         e.ExpectColumnValuesToBeInSet(column="dtype", value_set=[IMAGE_DTYPE], description="images are uint8"),
         e.ExpectColumnValuesToBeInSet(column="height", value_set=[IMAGE_SIDE], description="images are 28 pixels high"),
         e.ExpectColumnValuesToBeInSet(column="width", value_set=[IMAGE_SIDE], description="images are 28 pixels wide"),
@@ -145,16 +232,33 @@ def build_expectations(cfg: ValidateConfig, expected_rows: Mapping[str, int]) ->
         e.ExpectColumnValuesToNotBeNull(column="label", description="no missing labels",
                                         meta={"unexpected": "missing label(s)"}),
         e.ExpectColumnValuesToBeInSet(column="label", value_set=CLASSES, description="labels in 0..9"),
-        *(e.ExpectColumnDistinctValuesToContainSet(column="label", value_set=CLASSES, row_condition=in_split[s],
-                                                   description=f"every class 0..9 present in {s}") for s in SPLITS),
-        *(e.ExpectColumnValuesToBeBetween(column="class_share", min_value=cfg.min_class_share,
-                                          max_value=cfg.max_class_share, row_condition=in_split[s],
-                                          description=f"{s} class shares within {share}",
-                                          meta={"unexpected": "image(s) in classes outside these shares"})
-          for s in SPLITS),
-        e.ExpectColumnValuesToBeInSet(column="in_other_split", value_set=[False], row_condition=in_split["test"],
-                                      description="no test image duplicates a training image",
-                                      meta={"unexpected": "test image(s) duplicate training images"}),
+    ]
+
+
+def build_batch_expectations(cfg: ValidateConfig) -> list[Expectation]:
+    """The checks of a new batch (a `summarize_batch` frame) before it may join the training data."""
+    e = _import_gx().expectations
+    share = f"{_percent(cfg.min_class_share)}..{_percent(cfg.max_class_share)}"
+    rule = f"two-sample KS distance below {cfg.drift_max_distance:g} where p < "
+    return [
+        *_image_expectations(e),
+        e.ExpectColumnValuesToBeBetween(column="class_share", min_value=cfg.min_class_share,
+                                        max_value=cfg.max_class_share, description=f"class shares within {share}",
+                                        meta={"unexpected": "image(s) in classes outside these shares"}),
+        e.ExpectColumnValuesToBeUnique(column="hash", description="no image appears twice in the batch",
+                                       meta={"unexpected": "repeated image(s)"}),
+        e.ExpectColumnValuesToBeInSet(column="in_test", value_set=[False],
+                                      description="no image duplicates a test image",
+                                      meta={"unexpected": "image(s) that duplicate test images"}),
+        e.ExpectColumnValuesToBeInSet(column="in_accepted", value_set=[False],
+                                      description="no image duplicates an accepted training image",
+                                      meta={"unexpected": "image(s) that duplicate accepted training images"}),
+        e.ExpectColumnValuesToBeBetween(column="ink_drift", max_value=cfg.drift_max_distance, strict_max=True,
+                                        description="ink per image distributed as in the accepted data "
+                                                    f"({rule}{cfg.drift_alpha:g})"),
+        e.ExpectColumnValuesToBeBetween(column="class_drift", max_value=cfg.drift_max_distance, strict_max=True,
+                                        description="mean intensity per image distributed as in the accepted "
+                                                    f"data, class by class ({rule}{cfg.drift_alpha / len(CLASSES):g})"),
     ]
 
 
@@ -222,10 +326,26 @@ def _problem(result: Mapping[str, Any], frame: pd.DataFrame) -> str:
     if config["type"] == "expect_column_distinct_values_to_contain_set":
         missing = ", ".join(_show(v) for v in found.get("partial_missing_list", []))
         return f"class(es) {missing} missing"
+    if config["kwargs"].get("column") in DRIFT_COLUMNS:
+        return _drift(frame, config["kwargs"]["column"])
     noun = (config.get("meta") or {}).get("unexpected")
     examples = _examples(frame, config["kwargs"]["column"], found, show_value=noun is None)
     count = f"{found.get('unexpected_count', 0):,} {noun or 'unexpected value(s)'}"
     return count + (f", e.g. {', '.join(examples)}" if examples else "")
+
+
+def _drift(frame: pd.DataFrame, column: str, limit: int = 4) -> str:
+    """The drift test's numbers: overall, or for the classes that drifted, farthest first."""
+    prefix = column.removesuffix("_drift")
+    if prefix == "ink":
+        row = frame.iloc[0]
+        return (f"KS D={row['ink_ks_d']:.2f}, p={row['ink_ks_p']:.2g}; this batch's median ink is "
+                f"{frame['ink'].median():.0f} pixels per image")
+    by_class = frame.groupby("label")[["class_drift", "class_ks_d", "class_ks_p"]].first()
+    drifted = by_class[by_class["class_drift"] > 0].sort_values("class_ks_d", ascending=False)
+    shown = ", ".join(f"class {_show(label)} D={row['class_ks_d']:.2f} p={row['class_ks_p']:.2g}"
+                      for label, row in drifted.iloc[:limit].iterrows())
+    return f"{len(drifted)} class(es) drifted: {shown}" + (", ..." if len(drifted) > limit else "")
 
 
 def _examples(frame: pd.DataFrame, column: str, found: Mapping[str, Any], show_value: bool,
@@ -305,11 +425,7 @@ def validate_frame(frame: pd.DataFrame, cfg: ValidateConfig, dataset: str, out: 
         if dataset not in EXPECTED_ROWS:
             raise ValueError(f"no expected row counts for dataset {dataset!r}; pass expected_rows")
         expected_rows = EXPECTED_ROWS[dataset]
-    out.mkdir(parents=True, exist_ok=True)
-    expectations = build_expectations(cfg, expected_rows)
-    result = _run_checkpoint(frame, expectations, f"{dataset}-images", out / DOCS_DIR).to_json_dict()
-    (out / VALIDATION_FILE).write_text(json.dumps(result, indent=2, default=str))
-    broken = [describe_failure(r, frame) for r in result["results"] if not r["success"]]
+    result, broken = _check(frame, build_expectations(cfg, expected_rows), f"{dataset}-images", out)
     failures = [f"{title} ({where}): {problem}" for title, where, problem in broken]
     counts = describe_frame(frame)
     summary = {
@@ -332,16 +448,60 @@ def validate_frame(frame: pd.DataFrame, cfg: ValidateConfig, dataset: str, out: 
     return summary
 
 
+def _check(frame: pd.DataFrame, expectations: list[Expectation], name: str,
+           out: Path) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
+    """Run the expectations on `frame`, write `validation.json` and the Data Docs into `out`; return the failures."""
+    out.mkdir(parents=True, exist_ok=True)
+    result = _run_checkpoint(frame, expectations, name, out / DOCS_DIR).to_json_dict()
+    (out / VALIDATION_FILE).write_text(json.dumps(result, indent=2, default=str))
+    return result, [describe_failure(r, frame) for r in result["results"] if not r["success"]]
+
+
+def validate_batch(name: str, x: np.ndarray, y: np.ndarray, ref: Reference, cfg: ValidateConfig,
+                   out: Path) -> dict[str, Any]:
+    """Validate a new batch against the accepted data; write `validation.json` and Data Docs into `out`.
+
+    Raises ValidationFailed, after writing both, when any expectation fails.
+    """
+    frame = summarize_batch(x, y, ref, cfg.drift_alpha)
+    suite = "batch-" + re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    result, broken = _check(frame, build_batch_expectations(cfg), suite, out)
+    failures = [f"{title} ({where}): {problem}" for title, where, problem in broken]
+    counts = frame["label"].value_counts().sort_index()
+    summary = {
+        "batch": name,
+        "images": len(frame),
+        "success": bool(result["success"]) and not failures,
+        "expectations": len(result["results"]),
+        "failed": len(failures),
+        "failures": failures,
+        "classes": {_show(label): int(n) for label, n in counts.items()},
+        "validation": VALIDATION_FILE,
+        "data_docs": DOCS_INDEX,
+    }
+    if failures:
+        raise ValidationFailed(
+            f"batch {name} failed {len(failures)} of {len(result['results'])} expectations "
+            f"(Data Docs: {out / DOCS_INDEX}):\n" + "\n".join(f"  - {line}" for line in failures),
+            failures, summary)
+    return summary
+
+
 def run(cfg: ValidateConfig, data_dir: Path, dataset: str, out: Path) -> dict[str, Any]:
     """Stage entry point: load the data artifact in `data_dir`, summarize it per image and validate it into `out`."""
     started = time.perf_counter()
-    frame = summarize(load_dataset(data_dir))
+    ds = load_dataset(data_dir)
+    frame = summarize(ds)
     summarized = time.perf_counter()
-    summary = validate_frame(frame, cfg, dataset, out)
+    # The accepted batches join the training images; each was validated on its own before it was accepted.
+    expected = {**EXPECTED_ROWS[dataset], "train": EXPECTED_ROWS[dataset]["train"] + len(ds.y_batches)}
+    summary = validate_frame(frame, cfg, dataset, out, expected)
     log.info("validated %s: %d images in %.1f s (summary %.1f s)", dataset, len(frame),
              time.perf_counter() - started, summarized - started)
     return summary
 
 
+# The drift settings judge new batches only (tasks/intake.py), not the data artifact, so they are not in its key.
 CONTRACT = Contract(stage="validate", run=run, section="validate_", shared=("dataset",), reads={"data_dir": "download"},
-                    writes=(VALIDATION_FILE, DOCS_INDEX), code=(__name__, "tasks.data"))
+                    keyed=("min_class_share", "max_class_share"), writes=(VALIDATION_FILE, DOCS_INDEX),
+                    code=(__name__, "tasks.data"))

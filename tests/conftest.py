@@ -30,10 +30,11 @@ def mnist_mirror() -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch, tmp_path_factory):
-    """Never touch the network, the user's Keras cache or the user's store."""
+    """Never touch the network, the user's Keras cache, the user's store or incoming batches."""
     monkeypatch.setenv("MNIST_AE_OFFLINE", "1")
     monkeypatch.setenv("KERAS_HOME", str(tmp_path_factory.mktemp("keras-home")))
     monkeypatch.delenv("MNIST_AE_STORE", raising=False)
+    monkeypatch.delenv("MNIST_AE_INCOMING", raising=False)
 
 
 @pytest.fixture

@@ -49,6 +49,8 @@ def test_config_is_frozen():
         ("finetune.lr=0.1", "finetune.lr"),
         ("store=s3://bucket/x", "store"),
         ('stages=["download", "pretrain"]', "stages"),
+        (f"data.incoming={__file__}", "data.incoming"),
+        ("validate.drift_max_distance=0", "validate.drift_max_distance"),
     ],
 )
 def test_bad_values_name_the_field(override, field):

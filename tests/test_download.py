@@ -81,10 +81,13 @@ def test_fetches_verified_mnist_from_the_mirror(fetched, mnist_mirror):
 def test_run_writes_the_data_artifact(mnist_mirror, tmp_path, fetched):
     summary = run(DataConfig(mirror=mnist_mirror, offline=True), tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["data.npz"]
-    assert json.loads(json.dumps(summary)) == fetched[1]
+    # No incoming batch is accepted: the artifact holds the verified dataset and says it has no batch images.
+    assert json.loads(json.dumps(summary)) == {**fetched[1], "counts": {**fetched[1]["counts"], "batches": 0},
+                                               "batches": []}
     saved = load_dataset(tmp_path)
     for field in ("x_train", "y_train", "x_test", "y_test"):
         assert np.array_equal(getattr(saved, field), getattr(fetched[0], field))
+    assert saved.x_batches.shape == (0, 28, 28) and saved.y_batches.shape == (0,)
 
 
 def test_uncompressed_files_are_accepted(mnist_mirror, tmp_path, fetched):
