@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, tags
 from prefect.runtime import flow_run
 
 from flows.runners import Runner, running_on, task_runner
@@ -15,14 +16,18 @@ from flows.stages import (
     evaluate,
     finetune,
     pretrain,
+    publish_artifacts,
     publish_run,
     report,
+    run_name,
+    run_tags,
+    tag_flow_run,
     validate,
 )
 from tasks.config import Stage, check_stages, load_config
 
 
-@flow(name="mnist-ae-pipeline")
+@flow(name="mnist-ae-pipeline", flow_run_name=run_name)
 def pipeline(
     profile: str = "default",
     overrides: dict[str, Any] | None = None,
@@ -43,10 +48,12 @@ def pipeline(
         runner: "sequential" (one stage at a time, in this process) or "dask" (independent stages side by side).
         dask_address: an existing Dask scheduler (tcp://host:8786) for the dask runner; default: a local cluster.
     """
+    started = time.monotonic()
     config = load_config(profile, overrides or {}, store)
     check_stages(config, stages or [], force or [])
+    tag_flow_run(run_tags(config, runner))
     run = PipelineRun(config, only=stages, force=force)
-    with running_on(task_runner(runner, dask_address)):
+    with tags(*run_tags(config, runner)), running_on(task_runner(runner, dask_address)):
         data = run.stage(download, config.data)
         checked = run.stage(validate, config.validate_, data)
         autoencoder = run.stage(pretrain, config.pretrain, data, checked)
@@ -60,7 +67,8 @@ def pipeline(
     logger = get_run_logger()
     for stage, ref in refs.items():
         logger.info("%-9s %-8s %s", stage, "cached" if ref.cached else "computed", ref.path)
-    published = publish_run(config, refs, run.validated(refs))
+    published = publish_run(config, refs, run.validated(refs), wall_s=time.monotonic() - started)
+    publish_artifacts(config, refs, published)
     if published.get("report"):
         logger.info("report: %s", published["report"])
     return {"flow_run_id": flow_run.get_id(), "store": str(run.store.root),

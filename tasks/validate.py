@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from tasks import data_docs
 from tasks.config import ValidateConfig
 from tasks.contract import Contract
 from tasks.data import Dataset, load_dataset
@@ -308,6 +309,7 @@ def validate_frame(frame: pd.DataFrame, cfg: ValidateConfig, dataset: str, out: 
     out.mkdir(parents=True, exist_ok=True)
     expectations = build_expectations(cfg, expected_rows)
     result = _run_checkpoint(frame, expectations, f"{dataset}-images", out / DOCS_DIR).to_json_dict()
+    data_docs.make_offline(out / DOCS_DIR)
     (out / VALIDATION_FILE).write_text(json.dumps(result, indent=2, default=str))
     broken = [describe_failure(r, frame) for r in result["results"] if not r["success"]]
     failures = [f"{title} ({where}): {problem}" for title, where, problem in broken]
@@ -344,4 +346,4 @@ def run(cfg: ValidateConfig, data_dir: Path, dataset: str, out: Path) -> dict[st
 
 
 CONTRACT = Contract(stage="validate", run=run, section="validate_", shared=("dataset",), reads={"data_dir": "download"},
-                    writes=(VALIDATION_FILE, DOCS_INDEX), code=(__name__, "tasks.data"))
+                    writes=(VALIDATION_FILE, DOCS_INDEX), code=(__name__, "tasks.data", "tasks.data_docs"))
