@@ -54,7 +54,8 @@ def _progress(stage: str) -> tuple[Progress, Any]:
         metrics = " ".join(f"{k}={v:.4f}" for k, v in event.logs.items())
         logger.info("%s: %s epoch %d/%d %s", stage, event.model, event.epoch, event.epochs, metrics)
         update_progress_artifact(artifact_id=artifact_id, progress=round(100.0 * event.done, 1),
-                                 description=f"{stage}: {event.model} epoch {event.epoch}/{event.epochs}")
+                                 description=f"{stage}: {100 * event.done:.0f} % done, {event.model} epoch "
+                                             f"{event.epoch}/{event.epochs}")
 
     return report, artifact_id
 
@@ -70,8 +71,8 @@ def run_stage(section: BaseModel, *upstream: ArtifactRef, context: StageContext)
     ref = graph.execute(stage, section, list(upstream), context.shared, Store(context.store),
                         force=context.force, progress=progress)
     if artifact_id is not None:  # early stopping ends training before the last planned epoch
-        update_progress_artifact(artifact_id=artifact_id, progress=100.0, description=(
-            f"{stage}: found in the store, nothing trained" if ref.cached else f"{stage}: trained"))
+        outcome = "found in the store, nothing trained" if ref.cached else "trained"
+        update_progress_artifact(artifact_id=artifact_id, progress=100.0, description=f"{stage}: 100 % done, {outcome}")
     get_run_logger().info("%s %s in %s (%.1fs)", stage, "found" if ref.cached else "computed", ref.path,
                           ref.duration_s)
     return Completed(name="Cached" if ref.cached else "Completed", data=ref)

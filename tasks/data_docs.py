@@ -21,12 +21,12 @@ _ICONS = {"fa-check-circle": ("\u2714", "#1a7f37"), "fa-check": ("\u2714", "#1a7
           "fa-exclamation-triangle": ("\u26a0", "#b26a00"), "fa-info-circle": ("\u2139", "#555")}
 _CSS = ("body{font-family:system-ui,sans-serif;margin:1.5rem;color:#222}table{border-collapse:collapse;margin:.5rem 0}"
         "th,td{border:1px solid #ddd;padding:.25rem .5rem;text-align:left;vertical-align:top}"
-        "th{background:#f3f3f3}img[src^='http']{display:none}.collapse:not(.show),.d-none,.modal{display:none}"
+        "th{background:#f3f3f3}.collapse:not(.show),.d-none,.modal{display:none}"
         "i.fas,i.fa,i.far{font-style:normal;display:inline-block;width:1.2em}"
         + "".join(f'.{name}::before{{content:"{char}";color:{color}}}' for name, (char, color) in _ICONS.items())
         )
 _REMOTE = re.compile(r"""<script\b[^>]*\bsrc\s*=\s*["']?(?:https?:)?//[^>]*>\s*</script>"""
-                     r"""|<link\b[^>]*\bhref\s*=\s*["']?(?:https?:)?//[^>]*>""", re.IGNORECASE)
+                     r"""|<(?:link|img)\b[^>]*\b(?:href|src)\s*=\s*["']?(?:https?:)?//[^>]*>""", re.IGNORECASE)
 _SCRIPT = re.compile(r"<script\b[^>]*>.*?</script>", re.IGNORECASE | re.DOTALL)
 
 

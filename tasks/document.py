@@ -84,10 +84,10 @@ def _cell(value: Any) -> str:
 
 
 def sections(blocks: Sequence[Block], level: int = 2) -> list[list[Block]]:
-    """The blocks cut before every heading of `level` or higher; the first part is what precedes the first one."""
+    """The blocks cut before every heading of `level`; the first part is what precedes the first one (the title)."""
     parts: list[list[Block]] = [[]]
     for b in blocks:
-        if isinstance(b, Heading) and b.level <= level:
+        if isinstance(b, Heading) and b.level == level:
             parts.append([])
         parts[-1].append(b)
     return parts
@@ -146,8 +146,8 @@ def to_markdown(blocks: Sequence[Block]) -> str:
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}
 table{border-collapse:collapse;margin:1rem 0;display:block;overflow-x:auto;max-width:100%}
-th,td{border:1px solid #ccc;padding:.25rem .6rem;text-align:left}td{font-variant-numeric:tabular-nums}
-th{background:#f3f3f3}img{max-width:100%}figure{margin:1rem 0}figcaption{color:#555;font-size:.9em}
+th,td{border:1px solid #ccc;padding:.25rem .6rem;text-align:left}
+td{font-variant-numeric:tabular-nums;white-space:nowrap}th{background:#f3f3f3}img{max-width:100%}figure{margin:1rem 0}figcaption{color:#555;font-size:.9em}
 pre{background:#f6f6f6;padding:.75rem;overflow-x:auto;font-size:.85em}summary{cursor:pointer;color:#355}
 nav.toc{background:#f7f7f7;border:1px solid #ddd;padding:.5rem 1.2rem;margin:1rem 0}nav.toc ul{margin:.3rem 0}
 nav.toc li{margin:.15rem 0}h2{border-bottom:1px solid #ddd;padding-bottom:.2rem;margin-top:2rem}"""

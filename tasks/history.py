@@ -167,7 +167,8 @@ def trend_figure(records: list[dict[str, Any]], path: Path) -> Path:
         runs = [(i, 100 * acc) for i, r in enumerate(trained, 1)
                 if (acc := r.get("accuracy", {}).get(name)) is not None]
         ax.plot(*zip(*runs, strict=True), marker="o", label=name)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.set_xlim(0.5, max(len(trained), 1) + 0.5)
     ax.set_xlabel("trained model (runs that found their models in the store are not new points)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"Test accuracy of {plural(len(trained), 'trained model')} ({TREND_MODEL}: {trend(records)})")
