@@ -147,7 +147,8 @@ def to_markdown(blocks: Sequence[Block]) -> str:
 _CSS = """body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}
 table{border-collapse:collapse;margin:1rem 0;display:block;overflow-x:auto;max-width:100%}
 th,td{border:1px solid #ccc;padding:.25rem .6rem;text-align:left}
-td{font-variant-numeric:tabular-nums;white-space:nowrap}th{background:#f3f3f3}img{max-width:100%}figure{margin:1rem 0}figcaption{color:#555;font-size:.9em}
+td{font-variant-numeric:tabular-nums;white-space:nowrap}th{background:#f3f3f3}img{max-width:100%}
+figure{margin:1rem 0}figcaption{color:#555;font-size:.9em}
 pre{background:#f6f6f6;padding:.75rem;overflow-x:auto;font-size:.85em}summary{cursor:pointer;color:#355}
 nav.toc{background:#f7f7f7;border:1px solid #ddd;padding:.5rem 1.2rem;margin:1rem 0}nav.toc ul{margin:.3rem 0}
 nav.toc li{margin:.15rem 0}h2{border-bottom:1px solid #ddd;padding-bottom:.2rem;margin-top:2rem}"""
