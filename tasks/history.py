@@ -204,7 +204,7 @@ def trend_table(records: list[dict[str, Any]], last: int = 10) -> list[dict[str,
         rows.append({
             "Run": str(run),
             "Date (UTC)": str(r.get("at", ""))[:16].replace("T", " "),
-            "Computed": f"{len(computed)} of {len(stages)} stages",
+            "Computed": f"{len(computed)}/{len(stages)}",
             "Models": models_from,
             "Seconds": "" if wall is None else f"{wall:,.1f}",
             **{name: _percent(r.get("accuracy", {}).get(name)) for name in names},

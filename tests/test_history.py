@@ -111,7 +111,7 @@ def test_trend_table_rows_share_columns_and_keep_the_last_runs():
     assert [r["Run"] for r in rows] == [str(i) for i in range(3, 13)]
     assert {tuple(r) for r in rows} == {tuple(rows[0])}
     assert rows[-1]["pretrained"] == "101.00 %" and rows[-1]["probe"] == "88.00 %" and rows[0]["probe"] == ""
-    assert rows[0]["Computed"] == "1 of 2 stages" and rows[0]["Promoted"] == "no"
+    assert rows[0]["Computed"] == "1/2" and rows[0]["Promoted"] == "no"
     assert len(rows[0]) <= 9  # fits a page: no ids or hashes
 
 

@@ -225,7 +225,7 @@ def test_second_run_is_all_cached(first, store):
     assert history.models(records) == records[:1]
     html = Path(second["report"]).read_text()
     assert "(1 trained model in 2 runs of profile quick;" in html
-    assert "<td>as run 1</td>" in html and "<td>0 of 7 stages</td>" in html
+    assert "<td>as run 1</td>" in html and "<td>0/7</td>" in html
     assert all(f"<td>{stage}</td><td>cached (built " in html for stage in ALL)
 
 
