@@ -231,14 +231,18 @@ def run_report(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef
     staging = store.root / RUNS_DIR / f".{name}.tmp"
     staging.mkdir(parents=True)
     title, *parts = document.sections(document.load_blocks(report_dir / document.BLOCKS_FILE))
-    by_heading = {p[0].text: p for p in parts if isinstance(p[0], document.Heading)}
-    body = [b for p in parts if p[0] not in (by_heading.get(report.STAGES_HEADING, [None])[0],
-                                             by_heading.get(report.CONFIG_HEADING, [None])[0]) for b in p]
+
+    def heading(part: list[document.Block]) -> str:
+        return part[0].text if isinstance(part[0], document.Heading) else ""
+
+    # The stage's own table of artifacts gives way to this run's, and the configuration moves to the end.
+    body = [b for p in parts if heading(p) not in (report.STAGES_HEADING, report.CONFIG_HEADING) for b in p]
+    configuration = [b for p in parts if heading(p) == report.CONFIG_HEADING for b in p]
     comparable = [r for r in history.read(store.root)
                   if r.get("profile") == config.profile and r.get("dataset", "mnist") == config.data.dataset]
     blocks = [*title, *summary_section(config, store, refs, decision, run), *body,
               *run_section(store, refs, decision, comparable, staging, run),
-              *by_heading.get(report.CONFIG_HEADING, [])]
+              *configuration]
     document.render(blocks, staging, report.REPORT_NAME, assets=report_dir)
     final = store.root / RUNS_DIR / name
     os.replace(staging, final)
