@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, tags
 from prefect.runtime import flow_run
 
 from flows.runners import Runner, running_on, task_runner
@@ -16,15 +17,19 @@ from flows.stages import (
     evaluate,
     finetune,
     pretrain,
+    publish_artifacts,
     publish_run,
     report,
+    run_name,
+    run_tags,
+    tag_flow_run,
     take_in,
     validate,
 )
 from tasks.config import Stage, check_stages, load_config
 
 
-@flow(name="mnist-ae-pipeline")
+@flow(name="mnist-ae-pipeline", flow_run_name=run_name)
 def pipeline(
     profile: str = "default",
     overrides: dict[str, Any] | None = None,
@@ -45,6 +50,7 @@ def pipeline(
         runner: "sequential" (one stage at a time, in this process) or "dask" (independent stages side by side).
         dask_address: an existing Dask scheduler (tcp://host:8786) for the dask runner; default: a local cluster.
     """
+    started = time.monotonic()
     config = load_config(profile, overrides or {}, store)
     check_stages(config, stages or [], force or [])
     # New batches are validated before any key is planned, so the data artifact's key covers exactly the accepted
@@ -52,8 +58,9 @@ def pipeline(
     batches = take_in(config, "download" in (stages or config.stages)) if config.data.incoming else None
     if batches is not None:
         config = batches.apply(config)
+    tag_flow_run(run_tags(config, runner))
     run = PipelineRun(config, only=stages, force=force)
-    with running_on(task_runner(runner, dask_address)):
+    with tags(*run_tags(config, runner)), running_on(task_runner(runner, dask_address)):
         data = run.stage(download, config.data)
         checked = run.stage(validate, config.validate_, data)
         autoencoder = run.stage(pretrain, config.pretrain, data, checked)
@@ -67,7 +74,8 @@ def pipeline(
     logger = get_run_logger()
     for stage, ref in refs.items():
         logger.info("%-9s %-8s %s", stage, "cached" if ref.cached else "computed", ref.path)
-    published = publish_run(config, refs, run.validated(refs), batches)
+    published = publish_run(config, refs, run.validated(refs), batches, wall_s=time.monotonic() - started)
+    publish_artifacts(config, refs, published)
     if published.get("report"):
         logger.info("report: %s", published["report"])
     return {"flow_run_id": flow_run.get_id(), "store": str(run.store.root),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, cast
 from uuid import UUID
 
@@ -13,6 +15,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import TaskRun
 from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
@@ -25,7 +28,7 @@ from tasks import graph, intake, publish
 from tasks.config import PipelineConfig, Stage
 from tasks.download import NetworkError
 from tasks.intake import Intake
-from tasks.models import Progress
+from tasks.models import EpochEnd, Progress
 from tasks.store import ArtifactRef, Store
 
 REPORT_ARTIFACT = "mnist-ae-report"
@@ -45,12 +48,15 @@ def _progress(stage: str) -> tuple[Progress, Any]:
     """Per-epoch log lines and a progress artifact for a training stage; returns the callback and artifact id."""
     logger = get_run_logger()
     # Called from a sync task, so Prefect returns the id itself, not a coroutine.
-    artifact_id = cast(UUID, create_progress_artifact(progress=0.0, description=f"{stage}: epochs completed"))
+    artifact_id = cast(UUID, create_progress_artifact(progress=0.0, key=f"{stage}-progress",
+                                                      description=f"{stage}: training starts"))
 
-    def report(epoch: int, epochs: int, logs: dict[str, float]) -> None:
-        metrics = " ".join(f"{k}={v:.4f}" for k, v in logs.items() if isinstance(v, int | float))
-        logger.info("%s epoch %d/%d %s", stage, epoch, epochs, metrics)
-        update_progress_artifact(artifact_id=artifact_id, progress=100.0 * epoch / epochs)
+    def report(event: EpochEnd) -> None:
+        metrics = " ".join(f"{k}={v:.4f}" for k, v in event.logs.items())
+        logger.info("%s: %s epoch %d/%d %s", stage, event.model, event.epoch, event.epochs, metrics)
+        update_progress_artifact(artifact_id=artifact_id, progress=round(100.0 * event.done, 1),
+                                 description=f"{stage}: {100 * event.done:.0f} % done, {event.model} epoch "
+                                             f"{event.epoch}/{event.epochs}")
 
     return report, artifact_id
 
@@ -66,7 +72,8 @@ def run_stage(section: BaseModel, *upstream: ArtifactRef, context: StageContext)
     ref = graph.execute(stage, section, list(upstream), context.shared, Store(context.store),
                         force=context.force, progress=progress)
     if artifact_id is not None:  # early stopping ends training before the last planned epoch
-        update_progress_artifact(artifact_id=artifact_id, progress=100.0)
+        outcome = "found in the store, nothing trained" if ref.cached else "trained"
+        update_progress_artifact(artifact_id=artifact_id, progress=100.0, description=f"{stage}: 100 % done, {outcome}")
     get_run_logger().info("%s %s in %s (%.1fs)", stage, "found" if ref.cached else "computed", ref.path,
                           ref.duration_s)
     return Completed(name="Cached" if ref.cached else "Completed", data=ref)
@@ -143,21 +150,54 @@ class PipelineRun:
 
 @task(name="publish")
 def publish_run(config: PipelineConfig, refs: dict[str, ArtifactRef], validated: bool,
-                batches: Intake | None = None) -> dict[str, Any]:
+                batches: Intake | None = None, wall_s: float | None = None) -> dict[str, Any]:
     """Challenge the champion with an evaluated model not judged before, append the run history, write the report
     (with a section on the incoming batches when the run takes them in)."""
     store = Store(config.store)
-    run_id = flow_run.get_id()
+    run = publish.RunInfo(id=flow_run.get_id(), name=flow_run.get_name(), at=datetime.now(UTC), wall_s=wall_s)
     # Each evaluation is judged once, cached or not (publish.promote skips one already judged).
-    decision = publish.promote(config, store, refs, run_id, validated) if "evaluate" in refs else None
-    publish.record(config, store, refs, decision, run_id)
+    decision = publish.promote(config, store, refs, run.id, validated) if "evaluate" in refs else None
+    publish.record(config, store, refs, decision, run.id, flow_run_name=run.name, wall_s=wall_s)
     if "report" not in refs:
         return {"decision": decision and decision.reason}
     section = (intake.report_section(batches, refs["download"].summary, config.data.split())
                if batches is not None and "download" in refs else [])
-    paths = publish.run_report(config, store, refs, decision, run_id, section)
-    create_markdown_artifact(key=REPORT_ARTIFACT, markdown=publish.markdown_without_figures(paths["blocks"])
-                             + f"\n\nFull report with figures: `{paths['html']}`\n", description=config.report.title)
-    if rows := refs["report"].summary.get("rows"):
-        create_table_artifact(key=ACCURACY_ARTIFACT, table=rows, description="test accuracy per model, 95% CI")
-    return {"decision": decision and decision.reason, "report": str(paths["html"])}
+    paths = publish.run_report(config, store, refs, decision, run, section)
+    return {"decision": decision and decision.reason, "report": str(paths["html"]), "blocks": str(paths["blocks"])}
+
+
+def publish_artifacts(config: PipelineConfig, refs: dict[str, ArtifactRef], published: dict[str, Any]) -> None:
+    """The run's report and accuracy table as Prefect artifacts of the flow run itself (not of a task run)."""
+    if "blocks" not in published:
+        return
+    create_markdown_artifact(key=REPORT_ARTIFACT, markdown=publish.prefect_markdown(Path(published["blocks"])),
+                             description=f"{config.report.title}: profile {config.profile}, {config.data.dataset}")
+    reported = refs["report"].summary
+    if rows := publish.accuracy_table(reported):
+        n = reported.get("n_test")
+        create_table_artifact(key=ACCURACY_ARTIFACT, table=rows, description=(
+            f"Test accuracy per model on {n:,} test images, profile {config.profile}. "
+            if isinstance(n, int) else "Test accuracy per model. ") + (reported.get("verdict") or ""))
+
+
+def run_name() -> str:
+    """A flow run's name: profile, dataset and UTC start time, so runs can be told apart in the UI's lists."""
+    parameters = flow_run.get_parameters()
+    overrides = parameters.get("overrides") or {}
+    dataset = overrides.get("data.dataset", "mnist")
+    return f"{parameters.get('profile', 'default')}-{dataset}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+
+
+def run_tags(config: PipelineConfig, runner: str) -> list[str]:
+    """Tags to filter runs by in the UI: profile, dataset and task runner."""
+    return [f"profile:{config.profile}", f"dataset:{config.data.dataset}", f"runner:{runner}"]
+
+
+def tag_flow_run(tags: list[str]) -> None:
+    """Add `tags` to the current flow run (a deployment's own tags are kept)."""
+    run_id = flow_run.get_id()
+    if run_id is None:
+        return
+    with get_client(sync_client=True) as client:
+        current = client.read_flow_run(UUID(run_id)).tags or []
+        client.update_flow_run(UUID(run_id), tags=list(dict.fromkeys([*current, *tags])))

@@ -12,6 +12,7 @@ from tasks.data import load_splits
 from tasks.models import (
     CLASSIFICATION_LOSS,
     MODEL_FILES,
+    TENSORBOARD_DIR,
     Progress,
     build_ann,
     build_softmax_regression,
@@ -34,8 +35,9 @@ def run(cfg: BaselinesConfig, split: SplitSpec, data_dir: Path, out: Path,
     """Train softmax regression and a randomly initialised 784-hidden-10 network with the same settings.
 
     `hidden` and `activation` must be the pretrained model's, so that the ANN differs from it only by the
-    missing pretraining. Writes `softmax.keras`, `ann.keras`, `softmax_history.json` and `ann_history.json`.
-    `progress` sees one run of 2 * cfg.epochs epochs: softmax first, then the ANN from cfg.epochs + 1.
+    missing pretraining. Writes `softmax.keras`, `ann.keras`, `softmax_history.json`, `ann_history.json` and
+    TensorBoard event files under `tensorboard/`.
+    `progress` sees each model's epochs by name, softmax first, then the ANN.
     """
     seed_everything(seed)
     data = load_splits(data_dir, split)
@@ -48,8 +50,8 @@ def run(cfg: BaselinesConfig, split: SplitSpec, data_dir: Path, out: Path,
                                "hidden": list(hidden), "activation": activation, "init": cfg.init}
     for index, (name, (model, model_file, history_file)) in enumerate(models.items()):
         compile_model(model, cfg, CLASSIFICATION_LOSS)
-        rows, summary[name] = fit(model, data.x_train, data.y_train, validation, cfg,
-                                  _offset(progress, index * cfg.epochs, 2 * cfg.epochs))
+        rows, summary[name] = fit(model, data.x_train, data.y_train, validation, cfg, progress,
+                                  tensorboard=out / TENSORBOARD_DIR, name=name, part=(index, len(models)))
         model.save(out / model_file)
         write_history(rows, out / history_file)
     summary["seconds"] = round(sum(summary[name]["seconds"] for name in models), 2)
@@ -64,9 +66,3 @@ CONTRACT = Contract(stage="baselines", run=run, section="baselines", shared=("sp
                     writes=(SOFTMAX_FILE, ANN_FILE, SOFTMAX_HISTORY_FILE, ANN_HISTORY_FILE),
                     code=(__name__, "tasks.models", "tasks.data"), progress=True)
 
-
-def _offset(progress: Progress | None, offset: int, total: int) -> Progress | None:
-    """Shift one model's epochs into the stage's overall epoch count."""
-    if progress is None:
-        return None
-    return lambda epoch, _epochs, logs: progress(epoch + offset, total, logs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
@@ -53,9 +54,18 @@ class Code:
     language: str = ""
 
 
-Block = Heading | Paragraph | Bullets | Table | Image | Code
+@dataclass(frozen=True)
+class Link:
+    """A paragraph that is one link, its target relative to the report's directory (or absolute)."""
+
+    href: str
+    text: str
+
+
+Block = Heading | Paragraph | Bullets | Table | Image | Code | Link
 _KINDS: dict[str, type] = {"heading": Heading, "paragraph": Paragraph, "bullets": Bullets, "table": Table,
-                           "image": Image, "code": Code}
+                           "image": Image, "code": Code, "link": Link}
+FOLDED_CODE_LINES = 15  # longer code blocks (a config dump) are folded in HTML until the reader opens them
 _KIND_OF = {cls: kind for kind, cls in _KINDS.items()}
 
 
@@ -71,6 +81,16 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def sections(blocks: Sequence[Block], level: int = 2) -> list[list[Block]]:
+    """The blocks cut before every heading of `level`; the first part is what precedes the first one (the title)."""
+    parts: list[list[Block]] = [[]]
+    for b in blocks:
+        if isinstance(b, Heading) and b.level == level:
+            parts.append([])
+        parts[-1].append(b)
+    return parts
 
 
 def save_blocks(blocks: list[Block], path: Path) -> Path:
@@ -119,13 +139,19 @@ def to_markdown(blocks: Sequence[Block]) -> str:
             parts.append(f"![{b.alt}]({b.path})" + (f"\n\n*{b.caption}*" if b.caption else ""))
         elif isinstance(b, Code):
             parts.append(f"```{b.language}\n{b.text}\n```")
+        elif isinstance(b, Link):
+            parts.append(f"[{b.text}]({b.href})")
     return "\n\n".join(parts) + "\n"
 
 
-_CSS = """body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}
-table{border-collapse:collapse;margin:1rem 0}th,td{border:1px solid #ccc;padding:.25rem .6rem;text-align:left}
-th{background:#f3f3f3}img{max-width:100%}figure{margin:1rem 0}figcaption{color:#555;font-size:.9em}
-pre{background:#f6f6f6;padding:.75rem;overflow-x:auto;font-size:.85em}"""
+_CSS = """body{font-family:system-ui,sans-serif;max-width:64rem;margin:2rem auto;padding:0 1rem;color:#222}
+table{border-collapse:collapse;margin:1rem 0;display:block;overflow-x:auto;max-width:100%}
+th,td{border:1px solid #ccc;padding:.25rem .6rem;text-align:left}
+td{font-variant-numeric:tabular-nums;white-space:nowrap}th{background:#f3f3f3}img{max-width:100%}
+figure{margin:1rem 0}figcaption{color:#555;font-size:.9em}
+pre{background:#f6f6f6;padding:.75rem;overflow-x:auto;font-size:.85em}summary{cursor:pointer;color:#355}
+nav.toc{background:#f7f7f7;border:1px solid #ddd;padding:.5rem 1.2rem;margin:1rem 0}nav.toc ul{margin:.3rem 0}
+nav.toc li{margin:.15rem 0}h2{border-bottom:1px solid #ddd;padding-bottom:.2rem;margin-top:2rem}"""
 _MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml"}
 
 
@@ -136,14 +162,43 @@ def _data_uri(path: Path) -> str:
     return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
 
 
+def anchor(text: str) -> str:
+    """The id of a heading: lower case, runs of other characters as one hyphen."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "section"
+
+
+def _toc(blocks: Sequence[Block]) -> str:
+    """A table of contents of the level-2 headings (with their level-3 headings nested), or nothing for short pages."""
+    entries: list[tuple[Heading, list[Heading]]] = []
+    for b in blocks:
+        if isinstance(b, Heading) and b.level == 2:
+            entries.append((b, []))
+        elif isinstance(b, Heading) and b.level == 3 and entries:
+            entries[-1][1].append(b)
+    if len(entries) < 3:
+        return ""
+    e = html.escape
+
+    def item(h: Heading, children: list[Heading]) -> str:
+        nested = "<ul>" + "".join(item(c, []) for c in children) + "</ul>" if children else ""
+        return f'<li><a href="#{anchor(h.text)}">{e(h.text)}</a>{nested}</li>'
+
+    return '<nav class="toc"><strong>Contents</strong><ul>' + "".join(item(*x) for x in entries) + "</ul></nav>"
+
+
 def to_html(blocks: list[Block], assets: Path, title: str) -> str:
-    """One self-contained HTML page: images (resolved against `assets`) inlined as data URIs."""
+    """One self-contained HTML page: images (resolved against `assets`) inlined as data URIs, a table of contents
+    after the title."""
     e = html.escape
     parts = []
+    toc = _toc(blocks)
     for b in blocks:
         if isinstance(b, Heading):
             level = min(max(b.level, 1), 6)
-            parts.append(f"<h{level}>{e(b.text)}</h{level}>")
+            parts.append(f'<h{level} id="{anchor(b.text)}">{e(b.text)}</h{level}>')
+            if level == 1 and toc:
+                parts.append(toc)
+                toc = ""
         elif isinstance(b, Paragraph):
             parts.append(f"<p>{e(b.text)}</p>")
         elif isinstance(b, Bullets):
@@ -156,7 +211,13 @@ def to_html(blocks: list[Block], assets: Path, title: str) -> str:
             caption = f"<figcaption>{e(b.caption)}</figcaption>" if b.caption else ""
             parts.append(f'<figure><img src="{_data_uri(assets / b.path)}" alt="{e(b.alt)}">{caption}</figure>')
         elif isinstance(b, Code):
-            parts.append(f"<pre><code>{e(b.text)}</code></pre>")
+            code = f"<pre><code>{e(b.text)}</code></pre>"
+            lines = b.text.count("\n") + 1
+            if lines > FOLDED_CODE_LINES:
+                code = f"<details><summary>Show all {lines} lines</summary>{code}</details>"
+            parts.append(code)
+        elif isinstance(b, Link):
+            parts.append(f'<p><a href="{e(b.href)}">{e(b.text)}</a></p>')
     body = "\n".join(parts)
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{e(title)}</title>\n'
             f"<style>{_CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n")

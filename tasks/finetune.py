@@ -12,6 +12,7 @@ from tasks.data import Splits, load_splits
 from tasks.models import (
     CLASSIFICATION_LOSS,
     MODEL_FILES,
+    TENSORBOARD_DIR,
     Progress,
     build_classifier,
     compile_model,
@@ -36,15 +37,16 @@ def run(cfg: FinetuneConfig, split: SplitSpec, data_dir: Path, pretrain_dir: Pat
 
     The notebook minimises the cross-entropy over all variables, so the encoder trains too unless
     `cfg.freeze_encoder`. Writes `finetuned.keras` and `history.json`; with `cfg.linear_probe` also a
-    frozen-encoder probe, `probe.keras` and `probe_history.json`.
+    frozen-encoder probe, `probe.keras` and `probe_history.json`; TensorBoard event files under `tensorboard/`.
     """
     seed_everything(seed)
     data = load_splits(data_dir, split)
     autoencoder = load_autoencoder(pretrain_dir)
-    summary = _train(cfg, data, autoencoder, cfg.freeze_encoder, out / MODEL_FILE, out / HISTORY_FILE, progress)
+    models = 2 if cfg.linear_probe else 1
+    summary = _train(cfg, data, autoencoder, cfg.freeze_encoder, out, "pretrained", progress, (0, models))
     summary.update(train_size=len(data.x_train), val_size=len(data.x_val), freeze_encoder=cfg.freeze_encoder)
     if cfg.linear_probe:
-        summary["probe"] = _train(cfg, data, autoencoder, True, out / PROBE_FILE, out / PROBE_HISTORY_FILE, None)
+        summary["probe"] = _train(cfg, data, autoencoder, True, out, "probe", progress, (1, models))
     log.info("fine-tuning done: %s", summary)
     return summary
 
@@ -54,13 +56,18 @@ CONTRACT = Contract(stage="finetune", run=run, section="finetune", shared=("spli
                     code=(__name__, "tasks.models", "tasks.data"), progress=True)
 
 
-def _train(cfg: FinetuneConfig, data: Splits, autoencoder: Any, freeze: bool, model_path: Path,
-           history_path: Path, progress: Progress | None) -> dict[str, Any]:
+FILES = {"pretrained": (MODEL_FILE, HISTORY_FILE), "probe": (PROBE_FILE, PROBE_HISTORY_FILE)}
+
+
+def _train(cfg: FinetuneConfig, data: Splits, autoencoder: Any, freeze: bool, out: Path, name: str,
+           progress: Progress | None, part: tuple[int, int]) -> dict[str, Any]:
     """Build one classifier on a fresh copy of the encoder, train it and write its model and history."""
     model = build_classifier(extract_encoder(autoencoder), freeze=freeze)
     compile_model(model, cfg, CLASSIFICATION_LOSS)
     validation = (data.x_val, data.y_val) if len(data.x_val) else None
-    rows, summary = fit(model, data.x_train, data.y_train, validation, cfg, progress)
-    model.save(model_path)
-    write_history(rows, history_path)
+    rows, summary = fit(model, data.x_train, data.y_train, validation, cfg, progress,
+                        tensorboard=out / TENSORBOARD_DIR, name=name, part=part)
+    model_file, history_file = FILES[name]
+    model.save(out / model_file)
+    write_history(rows, out / history_file)
     return summary

@@ -34,8 +34,9 @@ def history_path(root: str | os.PathLike[str]) -> Path:
 def append(root: str | os.PathLike[str], record: dict[str, Any]) -> dict[str, Any]:
     """Append one run record (stamped with the UTC time if it has none) and fsync it; return the record.
 
-    Expected fields: flow_run_id, profile, data_fingerprint, config_hash,
-    stages {name: {cached, duration_s}}, accuracy {model: acc}, promotion {promote, reason}.
+    Expected fields: flow_run_id, flow_run_name, profile, data_fingerprint, config_hash, wall_s (the run's
+    time), stages {name: {cached, duration_s (seconds computing it in this run: 0 when cached), key}},
+    accuracy {model: acc}, promotion {promote, reason}.
     """
     record = {"at": datetime.now(UTC).isoformat(timespec="seconds"), **record}
     line = json.dumps(record, sort_keys=True, default=str)
@@ -97,6 +98,28 @@ def _well_formed(record: Any) -> bool:
             and isinstance(record.get("promotion") or {}, dict))
 
 
+def models(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records that evaluated a model no earlier record had evaluated, oldest first.
+
+    A run that found its evaluation in the store (a fully cached run, a re-run) scored the same models again:
+    it is one point of the trend, not a new one. Records without an evaluation key (written before it was
+    recorded) count unless every one of their stages was cached.
+    """
+    seen: set[str] = set()
+    found = []
+    for r in records:
+        stages = r.get("stages", {})
+        key = (stages.get("evaluate") or {}).get("key")
+        if key is None and stages and all(s.get("cached") for s in stages.values()):
+            continue
+        if key is not None:
+            if key in seen:
+                continue
+            seen.add(key)
+        found.append(r)
+    return found
+
+
 def accuracies(records: list[dict[str, Any]], model: str) -> list[float]:
     """The accuracy of one model in every record that has it, oldest first."""
     return [r["accuracy"][model] for r in records if r.get("accuracy", {}).get(model) is not None]
@@ -104,13 +127,13 @@ def accuracies(records: list[dict[str, Any]], model: str) -> list[float]:
 
 def trend(records: list[dict[str, Any]], model: str = TREND_MODEL, window: int = TREND_WINDOW,
           tolerance: float = TREND_TOLERANCE) -> Trend:
-    """Classify the recent trend of a model's accuracy.
+    """Classify the recent trend of a model's accuracy over distinct trained models (`models`).
 
-    Rule: fit a least-squares line to the model's accuracy over its last `window` runs;
-    a slope above `tolerance` (accuracy per run) is "improving", below -`tolerance`
-    "regressing", anything else (including fewer than two runs) "flat".
+    Rule: fit a least-squares line to the model's accuracy over its last `window` distinct models;
+    a slope above `tolerance` (accuracy per model) is "improving", below -`tolerance`
+    "regressing", anything else (including fewer than two models) "flat".
     """
-    recent = accuracies(records, model)[-window:]
+    recent = accuracies(models(records), model)[-window:]
     if len(recent) < 2:
         return "flat"
     slope = float(np.polyfit(np.arange(len(recent)), recent, 1)[0])
@@ -126,46 +149,70 @@ def model_names(records: list[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(name for r in records for name in r.get("accuracy", {})))
 
 
+def plural(count: int, noun: str) -> str:
+    """'1 run', '2 runs'."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
 def trend_figure(records: list[dict[str, Any]], path: Path) -> Path:
-    """Plot the test accuracy of each model over the runs into a PNG."""
+    """Plot the test accuracy (in %) of each model over the distinct trained models into a PNG."""
     # The object-oriented API renders with Agg and leaves pyplot's global state alone.
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
+    trained = models(records)
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.add_subplot()
-    for name in model_names(records):
-        runs = [(i, acc) for i, r in enumerate(records, 1) if (acc := r.get("accuracy", {}).get(name)) is not None]
+    for name in model_names(trained):
+        runs = [(i, 100 * acc) for i, r in enumerate(trained, 1)
+                if (acc := r.get("accuracy", {}).get(name)) is not None]
         ax.plot(*zip(*runs, strict=True), marker="o", label=name)
-    ax.set_xlabel("run")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(f"Test accuracy over {len(records)} runs ({TREND_MODEL}: {trend(records)})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.set_xlim(0.5, max(len(trained), 1) + 0.5)
+    ax.set_xlabel("trained model (runs that found their models in the store are not new points)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"Test accuracy of {plural(len(trained), 'trained model')} ({TREND_MODEL}: {trend(records)})")
     ax.grid(alpha=0.3)
-    if model_names(records):
-        ax.legend()
+    if model_names(trained):
+        fig.legend(loc="outside right upper", fontsize="small")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     return path
 
 
-def trend_table(records: list[dict[str, Any]], last: int = 10) -> list[dict[str, Any]]:
-    """Rows for a report table of the last `last` runs, all with the same columns."""
+def trend_table(records: list[dict[str, Any]], last: int = 10) -> list[dict[str, str]]:
+    """Rows for a report table of the last `last` runs, all with the same columns, accuracies in %."""
     start = max(len(records) - last, 0)
     shown = records[start:]
     names = model_names(shown)
+    first_of: dict[str, int] = {}
+    for run, r in enumerate(records, 1):
+        key = (r.get("stages", {}).get("evaluate") or {}).get("key")
+        if key is not None:
+            first_of.setdefault(key, run)
     rows = []
     for run, r in enumerate(shown, start + 1):
         stages = r.get("stages", {})
+        computed = [s for s, v in stages.items() if not v.get("cached")]
+        key = (stages.get("evaluate") or {}).get("key")
+        if key is not None and first_of.get(key, run) < run:
+            models_from = f"as run {first_of[key]}"
+        else:
+            models_from = "new" if "evaluate" in computed or key is None and computed else "from the store"
         promotion = r.get("promotion") or {}
+        wall = r.get("wall_s")
         rows.append({
-            "run": run,
-            "at": r.get("at"),
-            "flow_run_id": r.get("flow_run_id"),
-            "profile": r.get("profile"),
-            "data": (r.get("data_fingerprint") or "")[:12],
-            "config": (r.get("config_hash") or "")[:12],
-            "cached": f"{sum(bool(s.get('cached')) for s in stages.values())}/{len(stages)}",
-            "duration_s": round(sum(s.get("duration_s") or 0.0 for s in stages.values()), 1),
-            **{name: r.get("accuracy", {}).get(name) for name in names},
-            "promoted": promotion.get("promote"),
+            "Run": str(run),
+            "Date (UTC)": str(r.get("at", ""))[:16].replace("T", " "),
+            "Computed": f"{len(computed)}/{len(stages)}",
+            "Models": models_from,
+            "Seconds": "" if wall is None else f"{wall:,.1f}",
+            **{name: _percent(r.get("accuracy", {}).get(name)) for name in names},
+            "Promoted": {True: "yes", False: "no"}.get(promotion.get("promote") is True, "-")
+            if isinstance(promotion.get("promote"), bool) else "-",
         })
     return rows
+
+
+def _percent(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.2f} %"

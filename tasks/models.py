@@ -8,6 +8,7 @@ import math
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,21 @@ class TrainingDiverged(ArithmeticError):
 SECTIONS: dict[type[TrainConfig], str] = {PretrainConfig: "pretrain", FinetuneConfig: "finetune",
                                           BaselinesConfig: "baselines"}
 
-Progress = Callable[[int, int, dict[str, float]], None]
+
+
+@dataclass(frozen=True)
+class EpochEnd:
+    """One finished epoch of one model, as a training stage reports it to the orchestration."""
+
+    model: str  # the Keras model's name: autoencoder, classifier, probe, softmax, ann
+    epoch: int
+    epochs: int  # planned epochs of this model
+    logs: dict[str, float]
+    done: float  # share of the stage's planned epochs (all its models) finished, 0..1
+
+
+Progress = Callable[[EpochEnd], None]
+TENSORBOARD_DIR = "tensorboard"  # each training stage's event files, one run directory per model
 
 # Model name -> (stage, file inside that stage's artifact directory); "probe" only with FinetuneConfig.linear_probe.
 MODEL_FILES: dict[str, tuple[str, str]] = {
@@ -279,10 +294,12 @@ def op_determinism_enabled() -> bool:
 class _EpochLog(keras.callbacks.Callback):
     """Collects one history row per epoch and reports it to the progress callable."""
 
-    def __init__(self, epochs: int, progress: Progress | None, name: str, cfg: TrainConfig | None = None):
+    def __init__(self, epochs: int, progress: Progress | None, name: str, cfg: TrainConfig | None = None,
+                 part: tuple[int, int] = (0, 1)):
         super().__init__()
         self.rows: list[dict[str, float | int | None]] = []
         self._epochs, self._progress, self._name, self._cfg = epochs, progress, name, cfg
+        self._part = part
         self._started = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -304,7 +321,10 @@ class _EpochLog(keras.callbacks.Callback):
         log.info("%s epoch %d/%d: %s", self._name, epoch + 1, self._epochs,
                  ", ".join(f"{k} {v:.6g}" for k, v in row.items() if isinstance(v, float) and k != "seconds"))
         if self._progress is not None:
-            self._progress(epoch + 1, self._epochs, {k: v for k, v in row.items() if isinstance(v, float)})
+            index, parts = self._part
+            self._progress(EpochEnd(self._name, epoch + 1, self._epochs,
+                                    {k: v for k, v in row.items() if isinstance(v, float) and k != "seconds"},
+                                    (index + (epoch + 1) / self._epochs) / parts))
         # Weights that produced a NaN or infinite loss are useless; stop before they are saved or evaluated.
         bad = [k for k in ("loss_mean", "loss_last_batch", "val_loss")
                if isinstance(row[k], float) and not math.isfinite(row[k])]
@@ -327,15 +347,26 @@ def _maybe_float(value: Any) -> float | None:
 
 
 def fit(model: keras.Model, x: np.ndarray, y: np.ndarray, validation: tuple[np.ndarray, np.ndarray] | None,
-        cfg: TrainConfig, progress: Progress | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Train a compiled model; return its per-epoch history rows and a summary of the run."""
-    epoch_log = _EpochLog(cfg.epochs, progress, model.name, cfg)
+        cfg: TrainConfig, progress: Progress | None = None, *, tensorboard: Path | None = None,
+        name: str | None = None, part: tuple[int, int] = (0, 1)) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Train a compiled model; return its per-epoch history rows and a summary of the run.
+
+    `name` (default: the model's) names the model in log lines, progress and TensorBoard runs. With
+    `tensorboard`, Keras writes the epoch scalars as TensorBoard event files into `<tensorboard>/<name>/`.
+    `part` is (this model's index, models the stage trains), so progress reports the stage's share done.
+    """
+    name = name or model.name
+    epoch_log = _EpochLog(cfg.epochs, progress, name, cfg, part)
     callbacks: list[keras.callbacks.Callback] = [epoch_log]
     if cfg.early_stopping_patience is not None:
         if validation is None:
             raise ValueError("early stopping needs a validation split (validation_size > 0)")
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=cfg.early_stopping_patience, restore_best_weights=True))
+    if tensorboard is not None:
+        # Scalars only: no graph, histograms or profiler, which would cost time and draw nothing readers need.
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(tensorboard / name), histogram_freq=0,
+                                                     write_graph=False, profile_batch=0, update_freq="epoch"))
     started = time.perf_counter()
     model.fit(x, y, batch_size=cfg.batch_size, epochs=cfg.epochs, validation_data=validation, shuffle=True,
               callbacks=callbacks, verbose=0)

@@ -16,6 +16,7 @@ from tasks.data import load_splits
 from tasks.models import (
     AUTOENCODER_FILE,
     RECONSTRUCTION_LOSS,
+    TENSORBOARD_DIR,
     Progress,
     build_autoencoder,
     compile_model,
@@ -37,14 +38,16 @@ def run(cfg: PretrainConfig, split: SplitSpec, data_dir: Path, out: Path,
 
     `split` is `DataConfig.split()`; the validation split drives early stopping when it is configured.
     Writes `autoencoder.keras`, `history.json` (one row per epoch; `loss_last_batch` is what the notebook
-    printed) and `reconstruction.png` (ten test digits above their reconstructions) into `out`.
+    printed), `reconstruction.png` (ten test digits above their reconstructions) and the TensorBoard event
+    files (`tensorboard/autoencoder/`) into `out`.
     """
     seed_everything(seed)
     data = load_splits(data_dir, split)
     validation = (data.x_val, data.x_val) if len(data.x_val) else None
     model = build_autoencoder(cfg, seed)
     compile_model(model, cfg, RECONSTRUCTION_LOSS)
-    rows, summary = fit(model, data.x_train, data.x_train, validation, cfg, progress)
+    rows, summary = fit(model, data.x_train, data.x_train, validation, cfg, progress,
+                        tensorboard=out / TENSORBOARD_DIR)
 
     model.save(out / AUTOENCODER_FILE)
     write_history(rows, out / HISTORY_FILE)

@@ -6,7 +6,8 @@ import json
 import logging
 import os
 import uuid
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -117,62 +118,131 @@ def _dataset_of(store: Store, download_key: str | None) -> str | None:
 
 
 def record(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef], decision: Decision | None,
-           flow_run_id: str | None) -> dict[str, Any]:
-    """Append this run to the store's run history."""
+           flow_run_id: str | None, *, flow_run_name: str | None = None,
+           wall_s: float | None = None) -> dict[str, Any]:
+    """Append this run to the store's run history.
+
+    A stage found in the store cost this run no computing: its `duration_s` is 0, not the seconds the run that
+    built it spent; its key says which artifact it was, so a run that re-scored the same models is not a new point.
+    """
     accuracy = refs["evaluate"].summary.get("accuracy", {}) if "evaluate" in refs else {}
     return history.append(store.root, {
         "flow_run_id": flow_run_id,
+        "flow_run_name": flow_run_name,
         "profile": config.profile,
         "dataset": config.data.dataset,
         "data_fingerprint": fingerprint(config.data),
         "config_hash": key_of(config.reported())[:16],
-        "stages": {s: {"cached": r.cached, "duration_s": round(r.duration_s, 3)} for s, r in refs.items()},
+        "wall_s": None if wall_s is None else round(wall_s, 1),
+        "stages": {s: {"cached": r.cached, "duration_s": 0.0 if r.cached else round(r.duration_s, 3),
+                       "key": r.key[:16]} for s, r in refs.items()},
         "accuracy": accuracy,
         "promotion": None if decision is None else {"promote": decision.promote, "reason": decision.reason},
     })
 
 
-def run_section(refs: dict[str, ArtifactRef], decision: Decision | None, records: list[dict[str, Any]],
-                out: Path, flow_run_id: str | None) -> list[document.Block]:
+def summary_section(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef], decision: Decision | None,
+                    run: RunInfo) -> list[document.Block]:
+    """What a reader needs first: the run, the verdict, the best model, the champion and the decision."""
+    reported = refs["report"].summary if "report" in refs else {}
+    computed = [s for s, r in refs.items() if not r.cached]
+    facts = [f"Profile {config.profile}, dataset {config.data.dataset}"
+             + (f", {reported['n_test']:,} test images" if reported.get("n_test") else ""),
+             f"Flow run {run.name or '(none)'} ({run.id or 'no id'}), {run.at:%Y-%m-%d %H:%M} UTC"
+             + (f", {run.wall_s:,.1f} s" if run.wall_s is not None else "")
+             + f": {len(computed)} of {len(refs)} stages computed, the rest found in the store"]
+    if reported.get("verdict"):
+        facts.append(reported["verdict"].split(". ")[0].rstrip(".") + ".")
+    rows = {r["model"]: r for r in reported.get("rows") or []}
+    if (best := reported.get("best_model")) in rows:
+        facts.append(f"Best model: {best}, {100 * rows[best]['accuracy']:.2f} % test accuracy")
+    champion = Registry(store.root, config.data.dataset).champion()
+    if champion:
+        accuracy = (champion.get("metrics") or {}).get("accuracy")
+        facts.append(f"Champion for {config.data.dataset}: model {champion['key'][:12]}"
+                     + (f", {100 * accuracy:.2f} % test accuracy" if accuracy is not None else "")
+                     + (" (this run's model)" if "finetune" in refs and champion["key"] == refs["finetune"].key
+                        else ""))
+    else:
+        facts.append(f"No champion for {config.data.dataset} yet")
+    facts.append(_decision_sentence(decision))
+    return [document.Heading("Summary"), document.Bullets(tuple(facts))]
+
+
+def _decision_sentence(decision: Decision | None) -> str:
+    if decision is None:
+        return ("The champion was not challenged: no model was evaluated in this run, or its evaluation came "
+                "from the store and was judged by an earlier run.")
+    verdict = "promoted to champion" if decision.promote else "not promoted"
+    return f"This run's model was {verdict}: {decision.reason}."
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """The flow run a report belongs to."""
+
+    id: str | None
+    name: str | None
+    at: datetime
+    wall_s: float | None = None
+
+
+def run_section(store: Store, refs: dict[str, ArtifactRef], decision: Decision | None,
+                records: list[dict[str, Any]], out: Path, run: RunInfo) -> list[document.Block]:
     """The report blocks that change with every run: stage outcomes, promotion decision, trend.
 
     `records` are the past runs comparable with this one (same profile and dataset), oldest first.
     """
-    stamp = datetime.now(UTC).isoformat(timespec="seconds")
+    rows = []
+    for s, r in refs.items():
+        result = f"cached (built {r.created_at[:16].replace('T', ' ')})" if r.cached else "computed"
+        seconds = "-" if r.cached else f"{r.duration_s:,.1f}"
+        code = (read_manifest(Path(r.path)).get("key_inputs") or {}).get("code_version", "")
+        rows.append((s, result, seconds, r.key[:12], code))
     blocks: list[document.Block] = [
         document.Heading("This run"),
-        document.Paragraph(f"Flow run {flow_run_id or '(none)'} at {stamp}."),
-        document.Table(("Stage", "Result", "Seconds", "Key"), tuple(
-            (s, "cached" if r.cached else "computed", f"{r.duration_s:.1f}", r.key[:12]) for s, r in refs.items())),
+        document.Paragraph(f"Flow run {run.name or '(none)'} ({run.id or 'no id'}) at "
+                           f"{run.at.isoformat(timespec='seconds')}. Each stage's artifact, computed in this run or "
+                           "found in the store (then it cost this run no training):"),
+        document.Table(("Stage", "Result", "Seconds in this run", "Key", "Code version"), tuple(rows)),
+        document.Heading("Promotion decision", 3),
+        document.Paragraph(_decision_sentence(decision)),
     ]
-    blocks.append(document.Heading("Promotion decision", 3))
-    if decision is None:
-        blocks.append(document.Paragraph("The champion was not challenged: no model was evaluated in this run, "
-                                         "or its evaluation came from the store and was judged by an earlier run."))
-    else:
-        verdict = "promoted to champion" if decision.promote else "not promoted"
-        blocks.append(document.Paragraph(f"This run's model was {verdict}: {decision.reason}."))
     if history.model_names(records):  # runs that evaluated something; a pretrain-only profile has no trend
+        trained = history.models(records)
         blocks += [document.Heading("Trend over past runs", 3),
-                   document.Paragraph(f"Accuracy of the pretrained model over recent runs is "
-                                    f"{history.trend(records)} ({len(records)} runs recorded).")]
+                   document.Paragraph(
+                       f"Accuracy of the pretrained model over recent trained models is {history.trend(records)} "
+                       f"({history.plural(len(trained), 'trained model')} in {history.plural(len(records), 'run')} "
+                       f"of profile {records[-1].get('profile')}; a run that found its models in the store scored "
+                       "the same models again and is not a new point).")]
         history.trend_figure(records, out / "trend.png")
-        blocks += [document.Image("trend.png", "accuracy per run"),
+        blocks += [document.Image("trend.png", "Test accuracy per trained model"),
                    document.table_from_records(history.trend_table(records))]
     return blocks
 
 
 def run_report(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef], decision: Decision | None,
-               flow_run_id: str | None, extra: list[document.Block] | None = None) -> dict[str, Path]:
-    """Write this run's report (the report stage's, the run section and `extra` blocks) under `<store>/runs/`."""
+               run: RunInfo, extra: list[document.Block] | None = None) -> dict[str, Path]:
+    """Write this run's report under `<store>/runs/`, atomically: a summary first, the report stage's sections,
+    this run's section and `extra` blocks, and the configuration last."""
     report_dir = Path(refs["report"].path)
-    name = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{(flow_run_id or uuid.uuid4().hex)[:8]}"
+    name = f"{run.at:%Y%m%dT%H%M%SZ}-{(run.id or uuid.uuid4().hex)[:8]}"
     staging = store.root / RUNS_DIR / f".{name}.tmp"
     staging.mkdir(parents=True)
-    blocks = document.load_blocks(report_dir / document.BLOCKS_FILE)
+    title, *parts = document.sections(document.load_blocks(report_dir / document.BLOCKS_FILE))
+
+    def heading(part: list[document.Block]) -> str:
+        return part[0].text if isinstance(part[0], document.Heading) else ""
+
+    # The stage's own table of artifacts gives way to this run's, and the configuration moves to the end.
+    body = [b for p in parts if heading(p) not in (report.STAGES_HEADING, report.CONFIG_HEADING) for b in p]
+    configuration = [b for p in parts if heading(p) == report.CONFIG_HEADING for b in p]
     comparable = [r for r in history.read(store.root)
                   if r.get("profile") == config.profile and r.get("dataset", "mnist") == config.data.dataset]
-    blocks += run_section(refs, decision, comparable, staging, flow_run_id) + (extra or [])
+    blocks = [*title, *summary_section(config, store, refs, decision, run), *body,
+              *run_section(store, refs, decision, comparable, staging, run), *(extra or []),
+              *configuration]
     document.render(blocks, staging, report.REPORT_NAME, assets=report_dir)
     final = store.root / RUNS_DIR / name
     os.replace(staging, final)
@@ -180,7 +250,44 @@ def run_report(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef
             "blocks": final / document.BLOCKS_FILE}
 
 
-def markdown_without_figures(blocks_file: Path) -> str:
-    """The report as Markdown text for a Prefect artifact, which cannot show local image files."""
-    blocks = [b for b in document.load_blocks(blocks_file) if not isinstance(b, document.Image)]
-    return document.to_markdown(blocks)
+def prefect_markdown(blocks_file: Path) -> str:
+    """The run's report as Markdown for a Prefect artifact, which cannot show the report's files.
+
+    A link to the full report comes first; each figure is a placeholder naming it, the configuration dump
+    and relative links are left to the full report.
+    """
+    html_path = blocks_file.parent / f"{report.REPORT_NAME}.html"
+    blocks = document.load_blocks(blocks_file)
+    shown: list[document.Block] = []
+    for b in blocks:
+        if isinstance(b, document.Image):
+            shown.append(document.Paragraph(f"*[Figure: {b.alt}. See the full report.]*"))
+        elif isinstance(b, document.Code):
+            shown.append(document.Paragraph("*[The whole configuration as JSON is in the full report.]*"))
+        elif isinstance(b, document.Link):
+            target = (blocks_file.parent / b.href).resolve()
+            shown.append(document.Paragraph(f"{b.text}: `{target}`"))
+        else:
+            shown.append(b)
+        if isinstance(b, document.Heading) and b.level == 1:
+            shown.append(document.Paragraph(
+                f"**Full report with figures:** [{report.REPORT_NAME}.html]({html_path.as_uri()}) "
+                f"(open `{html_path}` in a browser)."))
+    return document.to_markdown(shown)
+
+
+def accuracy_table(reported: dict[str, Any]) -> list[dict[str, str]]:
+    """The report's claim table as Prefect table rows: accuracies in %, the test-set size and the verdict of the
+    claim (pretrained > ann > softmax) on each row of a model it ranks."""
+    rows = reported.get("rows") or []
+    if not rows:
+        return []
+    held = reported.get("claim_held")
+    verdict = {True: "held", False: "did not hold", None: "not judged"}[held]
+    n = reported.get("n_test")
+    level = f"{round(100 * (reported.get('confidence') or 0.95))} %"
+    table = report.claim_table(rows, level)
+    return [{**dict(zip(table.header, cells, strict=True)),
+             "Test images": f"{n:,}" if isinstance(n, int) else "",
+             "Claim": verdict if r["model"] in report.CLAIM_ORDER else "not in the claim"}
+            for r, cells in zip(rows, table.rows, strict=True)]

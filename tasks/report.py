@@ -24,6 +24,7 @@ from tasks.document import (
     Code,
     Heading,
     Image,
+    Link,
     Paragraph,
     Table,
     render,
@@ -57,6 +58,9 @@ MODEL_LABELS = {
     "probe": "Frozen pretrained encoder + softmax (probe)",
 }
 CLAIM_ORDER = ("pretrained", "ann", "softmax")  # the notebook's claim: each beats the next
+# Section headings a run's report rearranges: it replaces the stage table and moves the configuration to the end.
+STAGES_HEADING = "Stage artifacts"
+CONFIG_HEADING = "Configuration"
 
 
 
@@ -120,7 +124,7 @@ def plot_training(histories: dict[str, list[dict[str, Any]]], path: Path) -> Pat
 
 def plot_confusion(matrix: list[list[int]], title: str, path: Path) -> Path:
     """The confusion matrix as a heat map with counts; rows are true classes."""
-    fig = Figure(figsize=(5, 4.4), layout="constrained")
+    fig = Figure(figsize=(7, 6), layout="constrained")
     ax = fig.add_subplot()
     image = ax.imshow(matrix, cmap="Blues")
     fig.colorbar(image, ax=ax, shrink=0.8)
@@ -129,7 +133,7 @@ def plot_confusion(matrix: list[list[int]], title: str, path: Path) -> Path:
     for t in range(k):
         for p in range(k):
             color = "white" if matrix[t][p] > top / 2 else "black"
-            ax.text(p, t, str(matrix[t][p]), ha="center", va="center", fontsize=7, color=color)
+            ax.text(p, t, f"{matrix[t][p]:,}", ha="center", va="center", fontsize=10, color=color)
     ax.set_xticks(range(k))
     ax.set_yticks(range(k))
     ax.set_xlabel("predicted")
@@ -147,6 +151,11 @@ def _read_json(path: Path) -> Any:
 
 def _pct(x: float) -> str:
     return f"{100 * x:.2f} %"
+
+
+def _count(n: Any) -> str:
+    """A count as the rest of the report writes it: 10,000."""
+    return f"{n:,}" if isinstance(n, int) else str(n)
 
 
 # --- sections -------------------------------------------------------------------------------------------------------
@@ -193,15 +202,20 @@ def paired_sentence(pairs: list[dict[str, Any]]) -> str:
     return " Paired McNemar exact test on the same test images: " + "; ".join(parts) + "."
 
 
+def claim_table(rows: list[dict[str, Any]], level: str) -> Table:
+    """The claim table as the report and the Prefect accuracy artifact show it: accuracies in %."""
+    return Table(("Model", "Description", "Test accuracy", f"{level} CI"), tuple(
+        (r["model"], MODEL_LABELS.get(r["model"], ""), _pct(r["accuracy"]),
+         f"[{_pct(r['ci_low'])}, {_pct(r['ci_high'])}]") for r in rows))
+
+
 def claim_section(metrics: dict[str, Any]) -> tuple[list[Block], list[dict[str, Any]], bool | None]:
     """The claim table and its verdict."""
     level = f"{round(100 * metrics.get('confidence', 0.95))} %"
     rows = claim_rows(metrics)
     held, verdict = judge_claim(rows, level)
     n = metrics.get("n_test")
-    table = Table(("Model", "Description", "Test accuracy", f"{level} CI"), tuple(
-        (r["model"], MODEL_LABELS.get(r["model"], ""), _pct(r["accuracy"]),
-         f"[{_pct(r['ci_low'])}, {_pct(r['ci_high'])}]") for r in rows))
+    table = claim_table(rows, level)
     method = "Wilson score" if metrics.get("ci_method") == "wilson" else str(metrics.get("ci_method", "unknown"))
     blocks: list[Block] = [
         Heading("Claim: pretraining improves accuracy"),
@@ -209,9 +223,9 @@ def claim_section(metrics: dict[str, Any]) -> tuple[list[Block], list[dict[str, 
                   "of the same shape trained from random weights and a softmax regression on raw pixels."),
         table,
         Paragraph(verdict + paired_sentence(metrics.get("paired", []))),
-        Paragraph(f"Accuracy on {n} test images; {method} intervals. Non-overlapping intervals are a conservative "
-                  "sign of a difference; the paired test, which compares the models image by image, is sharper "
-                  "(p below 0.05: the difference is unlikely to be noise)."),
+        Paragraph(f"Accuracy on {_count(n)} test images; {method} intervals. Non-overlapping intervals are a "
+                  "conservative sign of a difference; the paired test, which compares the models image by image, is "
+                  "sharper (p below 0.05: the difference is unlikely to be noise)."),
     ]
     return blocks, rows, held
 
@@ -347,29 +361,46 @@ def _pct_or_blank(x: float | None) -> str:
 
 
 def validation_section(validate_dir: Path) -> list[Block]:
-    """The validation stage's own summary paragraph."""
-    manifest = _read_json(validate_dir / MANIFEST) or {}
-    paragraph = (manifest.get("summary") or {}).get("paragraph")
-    return [Heading("Data validation"), Paragraph(paragraph or "The validation stage left no summary paragraph.")]
+    """The validation stage's own summary paragraph and a link to its Great Expectations Data Docs."""
+    summary = (_read_json(validate_dir / MANIFEST) or {}).get("summary") or {}
+    paragraph = summary.get("paragraph")
+    blocks: list[Block] = [Heading("Data validation"),
+                           Paragraph(paragraph or "The validation stage left no summary paragraph.")]
+    docs = summary.get("data_docs")
+    if docs and (validate_dir / docs).is_file():
+        # Relative to the store root, so the link holds from report/<key>/ and runs/<run>/ alike, and in a moved store.
+        href = f"../../{validate_dir.parent.name}/{validate_dir.name}/{docs}"
+        blocks.append(Link(href, "Great Expectations Data Docs: every expectation with its observed values"))
+    return blocks
 
 
-def metadata_section(run_info: dict[str, Any]) -> list[Block]:
-    """Provenance: config, data fingerprint and, per upstream stage, the artifact key and code version."""
+def stages_section(run_info: dict[str, Any]) -> list[Block]:
+    """Per upstream stage, the artifact key and code version this report was built from."""
+    stages = run_info.get("stages") or {}
+    names = [s for s in STAGES if s in stages] + sorted(set(stages) - set(STAGES))
+    if not names:
+        return []
+    rows = tuple((s, str(stages[s].get("key", ""))[:12], str(stages[s].get("code_version", ""))) for s in names)
+    return [Heading(STAGES_HEADING), Paragraph("The stage artifacts this report was built from:"),
+            Table(("Stage", "Key", "Code version"), rows)]
+
+
+def config_section(run_info: dict[str, Any]) -> list[Block]:
+    """Provenance: data fingerprint, profile, seed, and the whole config as JSON."""
     config = run_info.get("config") or {}
     facts = [f"Data fingerprint: {run_info.get('data_fingerprint') or 'unknown'}"]
     if config.get("profile"):
         facts.append(f"Profile: {config['profile']}")
     if config.get("seed") is not None:
         facts.append(f"Seed: {config['seed']}")
-    stages = run_info.get("stages") or {}
-    names = [s for s in STAGES if s in stages] + sorted(set(stages) - set(STAGES))
-    rows = tuple((s, str(stages[s].get("key", ""))[:12], str(stages[s].get("code_version", ""))) for s in names)
-    blocks: list[Block] = [Heading("Run metadata"), Bullets(tuple(facts))]
-    if rows:
-        blocks.append(Paragraph("The stage artifacts this report was built from:"))
-        blocks.append(Table(("Stage", "Key", "Code version"), rows))
-    blocks.append(Code(json.dumps(config, indent=2, sort_keys=True), "json"))
-    return blocks
+    return [Heading(CONFIG_HEADING), Bullets(tuple(facts)),
+            Paragraph("Every setting of this run, one section per stage (--set section.field=value changes one):"),
+            Code(json.dumps(config, indent=2, sort_keys=True), "json")]
+
+
+def _verdict(blocks: list[Block]) -> str | None:
+    """The claim section's verdict paragraph."""
+    return next((b.text for b in blocks if isinstance(b, Paragraph) and b.text.startswith("The claim ")), None)
 
 
 def _early_stopped(config: dict[str, Any], stage: str) -> bool:
@@ -438,10 +469,12 @@ def write_report(cfg: ReportConfig, inputs: dict[str, Path], run_info: dict[str,
         blocks += confusion_section(metrics, out)
     if "validate" in inputs:
         blocks += validation_section(inputs["validate"])
-    blocks += metadata_section(run_info)
+    blocks += stages_section(run_info) + config_section(run_info)
     render(blocks, out, REPORT_NAME)
     accuracy = {"rows": rows, "claim_held": held, "confidence": (metrics or {}).get("confidence")}
     (out / ACCURACY_FILE).write_text(json.dumps(accuracy, indent=2))
     log.info("report written with %d blocks; claim held: %s", len(blocks), held)
     return {"rows": rows, "claim_held": held, "best_model": (metrics or {}).get("best_model"),
+            "n_test": (metrics or {}).get("n_test"), "verdict": _verdict(blocks) if metrics else None,
+            "confidence": (metrics or {}).get("confidence"),
             "pretrain_mean_rel_diff": difference, "sections": [b.text for b in blocks if isinstance(b, Heading)]}

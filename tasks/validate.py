@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from tasks import data_docs
 from tasks.config import ValidateConfig
 from tasks.contract import Contract
 from tasks.data import Dataset, load_dataset
@@ -453,6 +454,7 @@ def _check(frame: pd.DataFrame, expectations: list[Expectation], name: str,
     """Run the expectations on `frame`, write `validation.json` and the Data Docs into `out`; return the failures."""
     out.mkdir(parents=True, exist_ok=True)
     result = _run_checkpoint(frame, expectations, name, out / DOCS_DIR).to_json_dict()
+    data_docs.make_offline(out / DOCS_DIR)
     (out / VALIDATION_FILE).write_text(json.dumps(result, indent=2, default=str))
     return result, [describe_failure(r, frame) for r in result["results"] if not r["success"]]
 
@@ -504,4 +506,4 @@ def run(cfg: ValidateConfig, data_dir: Path, dataset: str, out: Path) -> dict[st
 # The drift settings judge new batches only (tasks/intake.py), not the data artifact, so they are not in its key.
 CONTRACT = Contract(stage="validate", run=run, section="validate_", shared=("dataset",), reads={"data_dir": "download"},
                     keyed=("min_class_share", "max_class_share"), writes=(VALIDATION_FILE, DOCS_INDEX),
-                    code=(__name__, "tasks.data"))
+                    code=(__name__, "tasks.data", "tasks.data_docs"))

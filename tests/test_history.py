@@ -108,10 +108,32 @@ def test_trend_table_rows_share_columns_and_keep_the_last_runs():
     records = records_of([0.9 + i / 100 for i in range(12)])
     records[-1]["accuracy"]["probe"] = 0.88
     rows = history.trend_table(records, last=10)
-    assert [r["run"] for r in rows] == list(range(3, 13))
+    assert [r["Run"] for r in rows] == [str(i) for i in range(3, 13)]
     assert {tuple(r) for r in rows} == {tuple(rows[0])}
-    assert rows[-1]["pretrained"] == pytest.approx(1.01) and rows[-1]["probe"] == 0.88 and rows[0]["probe"] is None
-    assert rows[0]["cached"] == "1/2" and rows[0]["duration_s"] == 4.1 and rows[0]["data"] == "d" * 12
+    assert rows[-1]["pretrained"] == "101.00 %" and rows[-1]["probe"] == "88.00 %" and rows[0]["probe"] == ""
+    assert rows[0]["Computed"] == "1/2" and rows[0]["Promoted"] == "no"
+    assert len(rows[0]) <= 9  # fits a page: no ids or hashes
+
+
+def cached_rerun(record: dict, i: int) -> dict:
+    """The record of a run that found every stage in the store."""
+    return {**record, "flow_run_id": f"run-{i}", "wall_s": 1.2,
+            "stages": {s: {**v, "cached": True, "duration_s": 0.0} for s, v in record["stages"].items()}}
+
+
+def test_a_cached_run_is_not_a_new_model():
+    first = run_record(0, 0.96, wall_s=14.0)
+    first["stages"]["evaluate"] = {"cached": False, "duration_s": 1.0, "key": "e1"}
+    second = run_record(2, 0.98, wall_s=15.0)
+    second["stages"]["evaluate"] = {"cached": False, "duration_s": 1.0, "key": "e2"}
+    legacy = {**run_record(3, 0.98), "stages": {"pretrain": {"cached": True, "duration_s": 13.8}}}
+    records = [first, cached_rerun(first, 1), second, cached_rerun(second, 3), legacy]
+    assert history.models(records) == [first, second]
+    assert history.trend(records) == "improving"  # two models, not five points
+    rows = history.trend_table(records)
+    assert [r["Models"] for r in rows] == ["new", "as run 1", "new", "as run 3", "from the store"]
+    assert [r["Seconds"] for r in rows] == ["14.0", "1.2", "15.0", "1.2", ""]
+    assert history.plural(1, "run") == "1 run" and history.plural(2, "run") == "2 runs"
 
 
 def test_lines_of_the_wrong_shape_are_skipped_in_one_warning(store_root, caplog):

@@ -174,12 +174,30 @@ def test_fit_records_last_batch_and_mean_losses():
     rng = np.random.default_rng(0)
     x, y = rng.random((96, 784), dtype=np.float32), rng.integers(0, 10, 96)
     seen = []
-    rows, summary = fit(model, x, y, (x[:32], y[:32]), cfg, lambda e, n, logs: seen.append((e, n, sorted(logs))))
+    rows, summary = fit(model, x, y, (x[:32], y[:32]), cfg, lambda e: seen.append((e.epoch, e.epochs, sorted(e.logs))))
     assert [r["epoch"] for r in rows] == [1, 2] and summary["epochs_run"] == 2
     assert set(rows[0]) == {"epoch", "loss_last_batch", "loss_mean", "val_loss", "accuracy", "val_accuracy", "seconds"}
     # Epoch 1 starts from a zero head, whose loss is ln 10; the epoch mean includes that, the last batch does not.
     assert rows[0]["loss_mean"] != rows[0]["loss_last_batch"]
     assert [s[:2] for s in seen] == [(1, 2), (2, 2)] and "loss_last_batch" in seen[0][2]
+
+
+def test_tensorboard_files_leave_training_unchanged(tmp_path):
+    """The same seeded fit with and without the TensorBoard callback: equal weights and history, event files."""
+    rng = np.random.default_rng(0)
+    x, y = rng.random((96, 784), dtype=np.float32), rng.integers(0, 10, 96)
+    cfg = TrainConfig(optimizer="adam", learning_rate=0.01, epochs=2, batch_size=32)
+    results = []
+    for logdir in (None, tmp_path):
+        keras.utils.set_random_seed(3)
+        model = build_ann((16,), "relu", "glorot_uniform", seed=3)
+        compile_model(model, cfg, "sparse_categorical_crossentropy")
+        rows, _ = fit(model, x, y, (x[:32], y[:32]), cfg, tensorboard=logdir, name="ann")
+        results.append((model.get_weights(), [{k: v for k, v in r.items() if k != "seconds"} for r in rows]))
+    for a, b in zip(results[0][0], results[1][0], strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert results[0][1] == results[1][1]
+    assert {p.parent.name for p in (tmp_path / "ann").rglob("events.out.tfevents.*")} == {"train", "validation"}
 
 
 def test_early_stopping_without_validation_is_rejected():
@@ -199,7 +217,7 @@ def test_a_diverging_training_stops_naming_the_setting(mnist):
     x = mnist.x_train[:3500].reshape(-1, 784).astype(np.float32) / 255
     seen = []
     with pytest.raises(TrainingDiverged) as info:
-        fit(model, x[500:], x[500:], (x[:500], x[:500]), cfg, lambda e, n, logs: seen.append(logs))
+        fit(model, x[500:], x[500:], (x[:500], x[:500]), cfg, lambda e: seen.append(e.logs))
     assert str(info.value) == ("pretrain: training of autoencoder diverged: the loss became nan in epoch 1; "
                                "nothing was cached. Lower pretrain.learning_rate (now 1e+09) and run again")
     assert len(seen) == 1 and np.isnan(seen[0]["loss_mean"])  # stopped after the first epoch, not at the end

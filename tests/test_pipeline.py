@@ -88,19 +88,116 @@ def test_first_run_computes_every_stage_and_writes_the_report(first, store):
     assert "data:image/png;base64," in html and "Promotion decision" in html and "Trend over past runs" in html
 
 
+def test_the_run_report_reads_from_the_summary_down(first):
+    """Summary first, a table of contents, one stage table, the configuration last under its own heading."""
+    html = Path(first["report"]).read_text()
+    headings = re.findall(r"<h2 id=\"([^\"]+)\">([^<]+)</h2>", html)
+    names = [text for _, text in headings]
+    assert names[0] == "Summary" and names[-1] == "Configuration" and names.index("This run") < len(names) - 1
+    assert "Stage artifacts" not in names and html.count("<th>Stage</th>") == 1  # one stage table, not two
+    toc = re.findall(r'href="#([^"]+)"', re.search(r'<nav class="toc">(.*?)</nav>', html).group(1))
+    assert html.index("<nav") < html.index("<h2") and {anchor for anchor, _ in headings} <= set(toc)
+    assert all(f'id="{anchor}"' in html for anchor in toc)
+    summary = html[html.index('id="summary"'):html.index("</ul>", html.index('id="summary"'))]
+    assert "Profile quick, dataset mnist, 2,000 test images" in summary and first["flow_run_id"] in summary
+    assert "The claim " in summary and "Champion for mnist: model " in summary
+    config = html[html.index('id="configuration"'):]
+    assert "<details><summary>Show all" in config and "&quot;learning_rate&quot;" in config
+    assert "&quot;learning_rate&quot;" not in html[:html.index('id="configuration"')]
+    assert "2000 test images" not in html and "Accuracy on 2,000 test images" in html
+    stage_table = html[html.index('id="this-run"'):html.index('id="promotion-decision"')]
+    assert all(f"<td>{stage}</td><td>computed</td>" in stage_table for stage in ALL)
+
+
 def test_prefect_artifacts_are_published(first):
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[REPORT_ARTIFACT, ACCURACY_ARTIFACT])))
     mine = {a.key: a for a in found if str(a.flow_run_id) == first["flow_run_id"]}
     assert set(mine) == {REPORT_ARTIFACT, ACCURACY_ARTIFACT}
-    assert "pretrained" in json.dumps(mine[ACCURACY_ARTIFACT].data)
-    assert "Claim" in mine[REPORT_ARTIFACT].data or "claim" in mine[REPORT_ARTIFACT].data
+    assert all(a.task_run_id is None for a in mine.values())  # the flow run's own, not the publish task's
+
+    # The accuracy table is the report's claim table: percentages, the test-set size and the claim's verdict.
+    table = json.loads(mine[ACCURACY_ARTIFACT].data)
+    metrics = json.loads((Path(first["stages"]["evaluate"]["path"]) / "metrics.json").read_text())
+    assert [r["Model"] for r in table] == ["softmax", "ann", "pretrained", "probe"]
+    held = first["stages"]["report"]["summary"]["claim_held"]
+    for row in table:
+        model = metrics["models"][row["Model"]]
+        assert row["Test accuracy"] == f"{100 * model['accuracy']:.2f} %"
+        assert row["95 % CI"] == f"[{100 * model['ci_low']:.2f} %, {100 * model['ci_high']:.2f} %]"
+        assert row["Test images"] == "2,000"
+        assert row["Claim"] == (
+            "not in the claim" if row["Model"] == "probe" else {True: "held", False: "did not hold"}[held])
+    markdown = (Path(first["stages"]["report"]["path"]) / "report.md").read_text()
+    pretrained = next(r for r in table if r["Model"] == "pretrained")
+    assert f"| pretrained | {pretrained['Description']} | {pretrained['Test accuracy']} | {pretrained['95 % CI']} |" \
+        in markdown
+    assert "2,000 test images" in mine[ACCURACY_ARTIFACT].description
+
+    # The Markdown artifact links the full report first and marks each figure; no config dump.
+    text = mine[REPORT_ARTIFACT].data
+    assert text.index("**Full report with figures:**") < text.index("## Summary") < text.index("## Claim")
+    assert Path(first["report"]).as_uri() in text
+    figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", Path(first["report"]).with_suffix(".md").read_text())
+    assert text.count("](") == 1 and len(figures) >= 5  # the one link: the full report
+    assert text.count("*[Figure: ") == len(figures) and "```" not in text and '"learning_rate"' not in text
+
     with get_client(sync_client=True) as client:
         progress = client.read_artifacts(artifact_filter=ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[first["flow_run_id"]]),
             type=ArtifactFilterType(any_=["progress"])))
-    assert len(progress) == 3 and all(a.data == 100.0 for a in progress)  # one per training stage, each finished
+    # One per training stage, each finished, its card saying what it trained.
+    assert sorted(a.key for a in progress) == ["baselines-progress", "finetune-progress", "pretrain-progress"]
+    assert all(a.data == 100.0 and a.description == f"{a.key.split('-')[0]}: 100 % done, trained" for a in progress)
+
+
+def test_flow_run_is_named_and_tagged_and_each_model_logs_its_epochs(first):
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(first["flow_run_id"])
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
+    assert re.fullmatch(r"quick-mnist-\d{8}-\d{6}", flow_run.name)
+    assert {"profile:quick", "dataset:mnist", "runner:sequential"} <= set(flow_run.tags)
+    lines = [log.message for log in logs]
+    for stage, model in (("pretrain", "autoencoder"), ("finetune", "pretrained"), ("finetune", "probe"),
+                         ("baselines", "softmax"), ("baselines", "ann")):
+        assert [line for line in lines if line.startswith(f"{stage}: {model} epoch ")][-1].startswith(
+            f"{stage}: {model} epoch 2/2 "), (stage, model)
+
+
+def test_training_stages_leave_tensorboard_event_files(first):
+    """Each trained model's epochs as TensorBoard scalars, equal to its history.json."""
+    import tensorflow as tf
+
+    for stage, model, history_file in (("pretrain", "autoencoder", "history.json"),
+                                       ("finetune", "probe", "probe_history.json"),
+                                       ("baselines", "ann", "ann_history.json")):
+        directory = Path(first["stages"][stage]["path"])
+        rows = json.loads((directory / history_file).read_text())
+        (events,) = (directory / "tensorboard" / model / "validation").glob("events.out.tfevents.*")
+        val_loss = {}
+        for record in tf.data.TFRecordDataset(str(events)):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            for value in event.summary.value:
+                if value.tag == "epoch_loss":
+                    val_loss[event.step] = float(tf.make_ndarray(value.tensor))
+        assert val_loss == {r["epoch"] - 1: pytest.approx(r["val_loss"], rel=1e-6) for r in rows}
+        assert "tensorboard/" + model in " ".join(json.loads((directory / "manifest.json").read_text())["files"])
+
+
+def test_data_docs_read_offline_and_the_report_links_them(first):
+    html = Path(first["report"]).read_text()
+    (href,) = re.findall(r'href="([^"#]+)"', html)
+    index = (Path(first["report"]).parent / href).resolve()
+    assert index == Path(first["stages"]["validate"]["path"]) / "data_docs" / "index.html"
+    pages = re.findall(r'href="(validations/[^"]+)"', index.read_text())
+    assert len(pages) == 1 and "<td>passed</td>" in index.read_text()
+    page = (index.parent / pages[0]).read_text()
+    assert "fa-check-circle" in page and ".fa-check-circle::before" in page  # icons drawn without the icon font
+    # Nothing is loaded from elsewhere (links to other sites may stay: following one is the reader's choice).
+    assert not re.search(r"""(src=|<link[^>]*href=)["']?(https?:)?//""", page) and "<script" not in page
 
 
 def test_first_model_becomes_champion_and_run_is_recorded(first, store):
@@ -119,6 +216,17 @@ def test_second_run_is_all_cached(first, store):
     assert {s: states[s] for s in ALL} == {s: "Cached" for s in ALL}
     assert all(s["cached"] for s in second["stages"].values())
     assert {s: r["key"] for s, r in second["stages"].items()} == {s: r["key"] for s, r in first["stages"].items()}
+
+    # Recorded as a run that trained nothing: no seconds of the first run's training, not a new point of the trend.
+    records = [r for r in history.read(store) if r["flow_run_id"] in (first["flow_run_id"], second["flow_run_id"])]
+    assert [r["flow_run_id"] for r in records] == [first["flow_run_id"], second["flow_run_id"]]
+    assert all(s["cached"] and s["duration_s"] == 0.0 for s in records[1]["stages"].values())
+    assert records[0]["stages"]["pretrain"]["duration_s"] > 0 and records[1]["wall_s"] < records[0]["wall_s"]
+    assert history.models(records) == records[:1]
+    html = Path(second["report"]).read_text()
+    assert "(1 trained model in 2 runs of profile quick;" in html
+    assert "<td>as run 1</td>" in html and "<td>0/7</td>" in html
+    assert all(f"<td>{stage}</td><td>cached (built " in html for stage in ALL)
 
 
 @pytest.fixture(scope="module")

@@ -60,10 +60,13 @@ def _pretrain_dir(root: Path, epochs: int = 36, factor: float = 1.1) -> Path:
 
 
 def _validate_dir(root: Path) -> Path:
-    _write_json(root / "validate" / "validation.json", {"success": True})
-    _write_json(root / "validate" / "manifest.json",
-                {"stage": "validate", "summary": {"paragraph": "All 70000 images passed 14 expectations."}})
-    return root / "validate"
+    directory = root / "validate" / ("a" * 64)
+    _write_json(directory / "validation.json", {"success": True})
+    (directory / "data_docs").mkdir()
+    (directory / "data_docs" / "index.html").write_text("<html></html>")
+    _write_json(directory / "manifest.json", {"stage": "validate", "summary": {
+        "paragraph": "All 70000 images passed 14 expectations.", "data_docs": "data_docs/index.html"}})
+    return directory
 
 
 def _classifier_history(epochs: int, with_validation: bool = True) -> list[dict]:
@@ -100,7 +103,10 @@ def _image_sources(page: str) -> list[str]:
 def _assert_self_contained(page: str, out: Path) -> None:
     sources = _image_sources(page)
     assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
-    assert not re.search(r"\bhref\s*=", page) and "<link" not in page and "<script" not in page
+    # Links only within the page (table of contents) or relative ones into the same store (Data Docs).
+    hrefs = re.findall(r'\bhref\s*=\s*"([^"]*)"', page)
+    assert all(h.startswith(("#", "../../validate/")) for h in hrefs), hrefs
+    assert "<link" not in page and "<script" not in page
     assert len(re.findall(r"<img\b", page)) == len(sources)
     for uri in sources:
         assert base64.b64decode(uri.split(",", 1)[1]).startswith(PNG)
@@ -131,6 +137,8 @@ def test_full_report(tmp_path):
     assert summary["pretrain_mean_rel_diff"] == pytest.approx(0.1)
 
     assert "All 70000 images passed 14 expectations." in md
+    assert f"[Great Expectations Data Docs: every expectation with its observed values](../../validate/{'a' * 64}/" \
+           "data_docs/index.html)" in md
     assert "fp0123456789abcd" in md and "| pretrain | bbbbbbbbbbbb | c0de0002 |" in md
     assert '"profile": "seed"' in md
     assert "fine-tuned: 5 epochs, final validation accuracy 94.00 %" in md
@@ -149,6 +157,13 @@ def test_full_report(tmp_path):
     inlined = {base64.b64decode(s.split(",", 1)[1]) for s in _image_sources(page)}
     assert (out / "confusion.png").read_bytes() in inlined
     assert "<td>97.00 %</td>" in page and "The claim held in this run" in page
+    # A table of contents after the title; the config dump last, under its heading, folded.
+    headings = re.findall(r'<h2 id="([^"]+)">', page)
+    toc = page[page.index('<nav class="toc">'):page.index("</nav>")]
+    assert page.index("<h1") < page.index("<nav") < page.index("<h2")
+    assert re.findall(r'href="#([^"]+)"', toc) == headings and headings[-1] == "configuration"
+    assert page.index('id="configuration"') < page.index("<details><summary>Show all ") < page.index("&quot;seed&quot;")
+    assert "Accuracy on 10,000 test images" in page
     assert len(page) < 1_000_000
 
     accuracy = json.loads((out / "accuracy.json").read_text())
@@ -199,7 +214,7 @@ def test_missing_optional_files_and_keys(tmp_path):
     (root / "finetune" / "probe_history.json").unlink()
     (root / "pretrain" / "reconstruction.png").unlink()
     _write_json(root / "baselines" / "ann_history.json", _classifier_history(2, with_validation=False))
-    _write_json(root / "validate" / "manifest.json", {"stage": "validate"})
+    _write_json(inputs["validate"] / "manifest.json", {"stage": "validate"})
     out = tmp_path / "out"
     out.mkdir()
     report.write_report(ReportConfig(), inputs, {}, out)
@@ -251,7 +266,7 @@ def test_blocks_round_trip_and_appended_section(tmp_path):
                document.Image("trend.png", "Accuracy trend")]
     paths = document.render(blocks, second, "report", assets=first)
     md = paths["markdown"].read_text()
-    assert md.index("## Run metadata") < md.index("## Promotion")
+    assert md.index("## Configuration") < md.index("## Promotion")
     assert "Promoted: <b>yes</b> & p < 0.05" in md and "| 1 | 0.9712 | True |" in md and "| 2 |  | False |" in md
     assert "![Accuracy trend](trend.png)" in md and (second / "confusion.png").is_file()
     page = paths["html"].read_text()

@@ -47,7 +47,7 @@ def _pretrain(data_dir: Path, out: Path, epochs: int, progress=None) -> dict:
 def pretrained(data_dir, tmp_path_factory) -> tuple[Path, dict, list]:
     seen: list = []
     out = tmp_path_factory.mktemp("pretrain") / "out"
-    summary = _pretrain(data_dir, out, 2, lambda e, n, logs: seen.append((e, n, logs)))
+    summary = _pretrain(data_dir, out, 2, lambda e: seen.append((e.epoch, e.epochs, e.logs)))
     write_manifest(out, key=out.name)  # as the store publishes it: fine-tuning loads only a verified autoencoder
     return out, summary, seen
 
@@ -60,7 +60,7 @@ def _encoder_weights(model: keras.Model) -> list[np.ndarray]:
 def test_pretrain_writes_model_history_and_figure(pretrained, data_dir):
     out, summary, seen = pretrained
     assert {p.name for p in out.iterdir()} - {"manifest.json"} == {"autoencoder.keras", "history.json",
-                                                                   "reconstruction.png"}
+                                                                   "reconstruction.png", "tensorboard"}
     history = json.loads((out / "history.json").read_text())
     assert [row["epoch"] for row in history] == [1, 2]
     assert history[1]["loss_last_batch"] < history[0]["loss_mean"]
@@ -96,7 +96,8 @@ def _finetune(data_dir: Path, pretrain_dir: Path, out: Path, **overrides) -> dic
 def test_finetune_trains_the_encoder_and_a_frozen_probe(pretrained, data_dir, tmp_path):
     summary = _finetune(data_dir, pretrained[0], tmp_path / "ft", linear_probe=True)
     files = {p.name for p in (tmp_path / "ft").iterdir()}
-    assert files == {"finetuned.keras", "history.json", "probe.keras", "probe_history.json"}
+    assert files == {"finetuned.keras", "history.json", "probe.keras", "probe_history.json", "tensorboard"}
+    assert sorted(p.name for p in (tmp_path / "ft" / "tensorboard").iterdir()) == ["pretrained", "probe"]
     assert summary["epochs_run"] == 1 and summary["probe"]["epochs_run"] == 1
     assert summary["val_accuracy"] > 0.2  # a zero head alone predicts one class: about 0.1
 
@@ -128,11 +129,13 @@ def test_baselines_write_both_models(data_dir, tmp_path):
     seen: list = []
     keras.utils.set_random_seed(0)
     cfg = _seed_cfg({"baselines.epochs": 1}).baselines
-    summary = baselines.run(cfg, SPLIT, data_dir, tmp_path, lambda e, n, logs: seen.append((e, n)),
+    summary = baselines.run(cfg, SPLIT, data_dir, tmp_path, lambda e: seen.append((e.model, e.epoch, e.epochs, e.done)),
                             hidden=(128, 64), activation="sigmoid")
     assert {p.name for p in tmp_path.iterdir()} == {"softmax.keras", "ann.keras", "softmax_history.json",
-                                                   "ann_history.json"}
-    assert seen == [(1, 2), (2, 2)]
+                                                   "ann_history.json", "tensorboard"}
+    assert sorted(p.name for p in (tmp_path / "tensorboard").iterdir()) == ["ann", "softmax"]
+    # Each model's epochs by name; the stage's share done runs over both.
+    assert seen == [("softmax", 1, 1, 0.5), ("ann", 1, 1, 1.0)]
     ann = keras.saving.load_model(tmp_path / "ann.keras", safe_mode=True)
     assert [layer.units for layer in ann.layers[1:]] == [128, 64, 10]
     assert summary["softmax"]["val_accuracy"] > 0.7 and summary["ann"]["epochs_run"] == 1
