@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks import document, history, report
+from tasks import document, history, report, study_report
 from tasks.config import PipelineConfig
 from tasks.data import load_splits
 from tasks.download import fingerprint
@@ -173,6 +173,9 @@ def run_report(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef
     comparable = [r for r in history.read(store.root)
                   if r.get("profile") == config.profile and r.get("dataset", "mnist") == config.data.dataset]
     blocks += run_section(refs, decision, comparable, staging, flow_run_id)
+    if study := study_report.latest(store):
+        blocks.append(document.Paragraph(f"Latest label-efficiency study: {study.relative_to(store.root)} "
+                                         "in this store."))
     document.render(blocks, staging, report.REPORT_NAME, assets=report_dir)
     final = store.root / RUNS_DIR / name
     os.replace(staging, final)
