@@ -177,6 +177,20 @@ def test_quick_grid_on_dask_reuses_the_pipelines_artifacts_and_reports(on_dask):
     assert study_report.latest(store) == Path(on_dask["report"])
 
 
+def test_the_pipelines_run_report_names_the_latest_study(on_dask, tmp_path):
+    from tasks import document, publish
+    from tasks.store import ArtifactRef
+
+    store = Store(on_dask["store"])
+    stage_report = tmp_path / "report"
+    document.render([document.Heading("stage report", 1)], stage_report, "report")
+    ref = ArtifactRef(stage="report", key="0" * 64, path=str(stage_report), cached=True, duration_s=0.0,
+                      created_at="")
+    paths = publish.run_report(load_config("quick", GRID, str(store.root)), store, {"report": ref}, None, "run")
+    latest = Path(on_dask["report"]).relative_to(store.root)
+    assert f"Latest label-efficiency study: {latest}" in paths["markdown"].read_text()
+
+
 def test_another_seed_computes_only_its_cells(on_dask, mnist_mirror, monkeypatch, capsys):
     from flows.cli import main
 
@@ -189,3 +203,4 @@ def test_another_seed_computes_only_its_cells(on_dask, mnist_mirror, monkeypatch
     report = Path(out.split("report: ")[-1].strip())
     results = json.loads((report.parent / study_report.RESULTS_FILE).read_text())
     assert all(len(v["seeds"]) == 2 for v in results["verdicts"])
+
