@@ -1,4 +1,5 @@
-"""`mnist-ae`: run the pipeline, show what is cached, take in labeled batches, manage the champion, classify images."""
+"""`mnist-ae`: run the pipeline or the label study, show what is cached, take in labeled batches, manage the
+champion, classify images."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from tasks.config import (
     Dataset,
     PipelineConfig,
     check_stages,
+    check_study,
     load_config,
     parse_overrides,
 )
@@ -51,6 +53,14 @@ def _stages(text: str) -> list[str]:
     return names
 
 
+def _runner_args(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--runner", choices=RUNNERS, default="sequential",
+                        help=f"sequential (default): one at a time in this process; "
+                             f"dask: independent {what} side by side on a Dask cluster")
+    parser.add_argument("--dask-address", metavar="tcp://HOST:PORT",
+                        help=f"an existing Dask scheduler (default: ${DASK_ADDRESS_ENV}, else a local cluster)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mnist-ae", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,11 +70,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="run only these stages; their upstream must be in the store")
     run.add_argument("--force", type=_stages, action="extend", default=[], metavar="STAGE[,STAGE]",
                      help="recompute these stages even when cached")
-    run.add_argument("--runner", choices=RUNNERS, default="sequential",
-                     help="sequential (default): one stage at a time in this process; "
-                          "dask: independent stages side by side on a Dask cluster")
-    run.add_argument("--dask-address", metavar="tcp://HOST:PORT",
-                     help=f"an existing Dask scheduler (default: ${DASK_ADDRESS_ENV}, else a local cluster)")
+    _runner_args(run, "stages")
+    study = sub.add_parser("study", help="label-efficiency study: each model on each label budget and seed")
+    _config_args(study)
+    _runner_args(study, "cells")
     status = sub.add_parser("status", help="each stage's key, and whether it is cached (and if not, why)")
     _config_args(status)
     promote = sub.add_parser("promote", help="make an evaluated model the champion by hand")
@@ -124,6 +133,23 @@ def _run(args: argparse.Namespace) -> int:
         print(f"  {stage:<9} {'cached' if ref['cached'] else 'computed':<8} {ref['path']}")
     if result.get("report"):
         print(f"report: {result['report']}")
+    return 0
+
+
+def _study(args: argparse.Namespace) -> int:
+    config = _config(args)
+    check_study(config)  # fail on a bad value before any work
+    Store(config.store).check_writable()  # before Prefect starts its server
+    from flows.study import label_study
+
+    result = label_study(profile=args.profile, overrides=parse_overrides(args.overrides), store=args.store,
+                         runner=args.runner, dask_address=args.dask_address)
+    computed = sum(not c["cached"] for c in result["cells"])
+    print(f"store: {result['store']}")
+    print(f"cells: {len(result['cells'])} ({computed} computed, {len(result['cells']) - computed} from the store)")
+    for sentence in result["verdicts"]:
+        print(f"  {sentence}")
+    print(f"report: {result['report']}")
     return 0
 
 
@@ -250,7 +276,7 @@ def _data_list(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _run, "status": _status, "data": _data, "promote": _promote, "rollback": _rollback,
+COMMANDS = {"run": _run, "study": _study, "status": _status, "data": _data, "promote": _promote, "rollback": _rollback,
             "predict": _predict}
 
 

@@ -26,12 +26,14 @@ Optimizer = Literal["rmsprop_tf1", "rmsprop", "adam", "sgd"]
 Init = Literal["normal", "glorot_uniform", "he_normal"]
 Activation = Literal["sigmoid", "relu"]
 Dataset = Literal["mnist", "fashion-mnist"]
+StudyModel = Literal["pretrained", "ann", "softmax"]
 
 MIRROR_ENV = "MNIST_MIRROR"
 OFFLINE_ENV = "MNIST_AE_OFFLINE"
 STORE_ENV = "MNIST_AE_STORE"
 INCOMING_ENV = "MNIST_AE_INCOMING"
 TRAINING_IMAGES = 60_000  # in MNIST and Fashion-MNIST alike
+STUDY_MIN_BUDGET = 10  # one label per class
 
 
 class SplitSpec(TypedDict):
@@ -146,6 +148,38 @@ class PromoteConfig(_Section):
     alpha: float = Field(default=0.05, gt=0, lt=1, description="Significance level of McNemar's exact test.")
 
 
+class StudyConfig(_Section):
+    """The label-efficiency study: label budgets, seeds, models, and the schedule fixed before any training.
+
+    Every cell trains for `max(min_steps, epochs * ceil(budget / batch))` optimizer steps, a number set by the
+    budget alone: no early stopping, and nothing chosen on the validation or test labels.
+    """
+
+    budgets: tuple[PositiveInt, ...] = Field(
+        default=(100, 300, 1000, 3000, 10000, 55000), min_length=1,
+        description="Labeled training images per cell; the training split's size means all of its labels.")
+    seeds: PositiveInt = Field(default=3, description="Seeds 0..seeds-1: each draws its own labeled subsets.")
+    models: tuple[StudyModel, ...] = Field(default=("pretrained", "ann", "softmax"), min_length=1)
+    optimizer: Optimizer = "adam"
+    learning_rate: PositiveFloat = 1e-3
+    batch_size: PositiveInt = 128
+    epochs: PositiveInt = Field(default=5, description="Passes over the budget's labels, unless min_steps is more.")
+    min_steps: PositiveInt = Field(default=500, description="Fewest optimizer steps of any cell.")
+    alpha: float = Field(default=0.05, gt=0, lt=1, description="Significance level of the verdicts.")
+
+    @field_validator("budgets")
+    @classmethod
+    def _class_balanced(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if min(v) < STUDY_MIN_BUDGET:
+            raise ValueError(f"every budget needs at least one label per class ({STUDY_MIN_BUDGET})")
+        return tuple(sorted(set(v)))
+
+    @field_validator("models")
+    @classmethod
+    def _distinct(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(v))
+
+
 class PipelineConfig(_Section):
     """Everything a run depends on; each stage reads only its own section."""
 
@@ -161,13 +195,22 @@ class PipelineConfig(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     report: ReportConfig = ReportConfig()
     promote: PromoteConfig = PromoteConfig()
+    study: StudyConfig = StudyConfig()
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
+    def training_images(self) -> int:
+        """How many training images (hence labels) the split leaves after the validation hold-out."""
+        left = TRAINING_IMAGES - self.data.validation_size
+        return left if self.data.train_size is None else min(self.data.train_size, left)
+
     def reported(self) -> dict[str, Any]:
-        """The config as reports show it, without machine-specific settings, which never change a result."""
+        """The config as reports show it, without machine-specific settings, which never change a result.
+
+        The study's section is left out: it changes nothing the pipeline computes (the study reports it itself).
+        """
         return self.model_dump(mode="json", by_alias=True,
-                               exclude={"store": True, "data": {"mirror", "offline", "incoming"}})
+                               exclude={"store": True, "data": {"mirror", "offline", "incoming"}, "study": True})
 
     @model_validator(mode="after")
     def _validation_split_fits(self) -> PipelineConfig:
@@ -228,6 +271,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         # which the promotion gate refuses; at 5e-3 it reaches about 83 %, so smoke runs exercise the champion path.
         finetune=dict(_MODERN, epochs=2, learning_rate=5e-3, linear_probe=True),
         baselines=dict(_MODERN, epochs=2, init="glorot_uniform"),
+        study=dict(budgets=(100, 300, 1000, 3000), seeds=2, min_steps=100),
     ),
 }
 
@@ -288,6 +332,14 @@ def load_config(
         return PipelineConfig.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
+
+
+def check_study(config: PipelineConfig) -> None:
+    """The study's budgets must fit the training split (its size is the largest budget allowed: all labels)."""
+    available = config.training_images()
+    if too_many := [b for b in config.study.budgets if b > available]:
+        raise ConfigError(f"study.budgets: {', '.join(f'{b:,}' for b in too_many)} exceed the {available:,} "
+                          "labeled training images of this split; the largest budget is all of them")
 
 
 def check_stages(config: PipelineConfig, *selections: Iterable[str]) -> None:

@@ -132,13 +132,14 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def execute(stage: str, section: BaseModel, upstream: list[ArtifactRef], shared: dict[str, Any], store: Store, *,
-            force: bool = False, progress: Progress | None = None) -> ArtifactRef:
+            force: bool = False, progress: Progress | None = None, contract: Contract | None = None) -> ArtifactRef:
     """Return the stage's stored artifact, or compute it from the upstream artifacts it was given and store it.
 
     The key is made from exactly what the stage receives: its config section, the shared settings its contract
-    names, and the keys of the given upstream artifacts.
+    names, and the keys of the given upstream artifacts. `contract` is for artifacts outside the pipeline's
+    stages (the study's cells); by default the stage's own.
     """
-    contract = CONTRACTS[stage]
+    contract = contract or CONTRACTS[stage]
     refs = {ref.stage: ref for ref in upstream}
     if unexpected := sorted(set(refs) - set(contract.upstream)):
         raise ValueError(

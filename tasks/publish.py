@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks import document, history, report
+from tasks import document, history, report, study_report
 from tasks.config import PipelineConfig
 from tasks.data import load_splits
 from tasks.download import fingerprint
@@ -240,8 +240,11 @@ def run_report(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef
     configuration = [b for p in parts if heading(p) == report.CONFIG_HEADING for b in p]
     comparable = [r for r in history.read(store.root)
                   if r.get("profile") == config.profile and r.get("dataset", "mnist") == config.data.dataset]
+    study = study_report.latest(store)
+    pointer = [document.Paragraph(f"Latest label-efficiency study: {study.relative_to(store.root)} in this store.")
+               ] if study else []
     blocks = [*title, *summary_section(config, store, refs, decision, run), *body,
-              *run_section(store, refs, decision, comparable, staging, run), *(extra or []),
+              *run_section(store, refs, decision, comparable, staging, run), *(extra or []), *pointer,
               *configuration]
     document.render(blocks, staging, report.REPORT_NAME, assets=report_dir)
     final = store.root / RUNS_DIR / name

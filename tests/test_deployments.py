@@ -46,7 +46,7 @@ from prefect.utilities.callables import parameter_schema
 from prefect.utilities.schema_tools import ValidationError, validate
 from rich.console import Console
 
-from tasks.config import load_config
+from tasks.config import check_study, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT_YAML = ROOT / "prefect.yaml"
@@ -54,6 +54,8 @@ PREFECT = Path(sys.executable).with_name("prefect")
 FLOW_NAME = "mnist-ae-pipeline"
 POOL = "mnist-ae"
 DEPLOYMENTS = ("train", "retrain-weekly")
+STUDY_FLOW = "label-study"
+STUDY_DEPLOYMENT = "label-study"
 WEEKLY_CRON = "0 3 * * 1"
 WEEKLY_TZ = "Europe/Berlin"
 BERLIN = ZoneInfo(WEEKLY_TZ)
@@ -94,7 +96,7 @@ def test_prefect_yaml_uses_only_fields_prefect_reads():
         assert set(dep["work_pool"]) <= set(WorkPoolConfig.model_fields)
         for schedule in dep.get("schedules") or []:
             RawScheduleConfig.model_validate(schedule)
-    assert sorted(load_deployments()) == sorted(DEPLOYMENTS)
+    assert sorted(load_deployments()) == sorted((*DEPLOYMENTS, STUDY_DEPLOYMENT))
 
 
 def test_weekly_schedule_fires_mondays_at_three_berlin_time():
@@ -131,6 +133,17 @@ def test_deployment_runs_the_pipeline_with_valid_parameters(name):
     # The flow itself refuses stages that are not part of the profile; check that before a run does.
     config = load_config(parameters.get("profile", "default"), parameters.get("overrides") or {})
     assert set(parameters.get("force") or []) | set(parameters.get("stages") or []) <= set(config.stages)
+
+
+def test_study_deployment_runs_the_label_study_with_valid_parameters():
+    deployment = load_deployments()[STUDY_DEPLOYMENT]
+    assert deployment["schedules"] == [] and deployment["work_pool"]["name"] == POOL
+    flow = load_pipeline(deployment["entrypoint"])
+    assert flow.name == STUDY_FLOW
+    assert Path(flow.fn.__code__.co_filename).resolve() == ROOT / "flows" / "study.py"
+    parameters = deployment["parameters"]
+    check_parameters(flow, parameters)
+    check_study(load_config(parameters.get("profile", "default"), parameters.get("overrides") or {}))
 
 
 @pytest.mark.parametrize("bad", [{"force": ["downlaod"]}, {"stages": "download"}, {"profile": ["quick"]}])

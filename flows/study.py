@@ -1,0 +1,125 @@
+"""The label-efficiency study flow: the pipeline's pretraining, then every (budget, seed, model) cell, then a report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run
+from prefect.states import Completed, State
+
+from flows.runners import Runner, running_on, task_runner
+from flows.stages import PipelineRun, download, pretrain, validate
+from tasks import graph, study, study_report
+from tasks.config import PipelineConfig, SplitSpec, Stage, StudyConfig, check_study, load_config
+from tasks.data import load_splits
+from tasks.document import BLOCKS_FILE, Image, load_blocks, to_markdown
+from tasks.store import ArtifactRef, Store, key_of
+
+STUDY_ARTIFACT = "mnist-ae-study"
+STUDY_TABLE_ARTIFACT = "mnist-ae-study-accuracy"
+UPSTREAM: list[Stage] = ["download", "validate", "pretrain"]
+
+
+# As with the pipeline's stages, the store decides what is cached: a stored cell is verified and returned.
+@task(cache_policy=NO_CACHE, task_run_name="cell-{cell.model}-{cell.budget}-seed{cell.seed}")
+def study_cell(cell: study.Cell, data: ArtifactRef, checked: ArtifactRef, autoencoder: ArtifactRef | None,
+               shared: dict[str, Any], store: str) -> State[ArtifactRef]:
+    """Find one cell's artifact in the store or train it on its labeled subset and score it."""
+    upstream = [data, checked] + ([autoencoder] if cell.model == "pretrained" and autoencoder else [])
+    ref = graph.execute(study.STAGE, cell, upstream, shared, Store(store), contract=study.CONTRACT)
+    get_run_logger().info("%s %s: test accuracy %.4f (%s)", cell.name, "found" if ref.cached else "computed",
+                          ref.summary["accuracy"], ref.path)
+    return Completed(name="Cached" if ref.cached else "Completed", data=ref)
+
+
+@task(cache_policy=NO_CACHE)
+def study_report_task(cfg: StudyConfig, cells: list[ArtifactRef], data: ArtifactRef, split: SplitSpec,
+                      protocol: list[str], store: str) -> ArtifactRef:
+    """Write the study's report as an artifact keyed by its cells, and publish it to Prefect."""
+    results = [study_report.CellResult.of(ref.summary, ref.path) for ref in cells]
+    y_test = load_splits(data.path, split).y_test  # scoring only: every choice was made before this
+    inputs = study_report.key_inputs(cfg, [ref.key for ref in cells])
+    ref = Store(store).materialize(
+        study_report.STAGE, key_of(inputs), inputs,
+        lambda out: study_report.write(cfg, results, y_test, protocol, out))
+    page = f"{ref.path}/{study_report.REPORT_NAME}.html"
+    blocks = [b for b in load_blocks(Path(ref.path) / BLOCKS_FILE) if not isinstance(b, Image)]
+    create_markdown_artifact(key=STUDY_ARTIFACT, markdown=to_markdown(blocks) + f"\n\nFull report: `{page}`\n",
+                             description=study_report.TITLE)
+    create_table_artifact(key=STUDY_TABLE_ARTIFACT, table=ref.summary["table"],
+                          description="test accuracy per label budget and model, mean over seeds, 95% interval")
+    return ref
+
+
+def protocol(config: PipelineConfig, autoencoder: ArtifactRef) -> list[str]:
+    """What every cell did, in words, for the report."""
+    s = config.study
+    return [
+        f"Label budgets {', '.join(f'{b:,}' for b in s.budgets)} of the {config.training_images():,} training "
+        f"images; seeds 0 to {s.seeds - 1}. Each seed draws class-balanced subsets (one label per class in turn), "
+        "nested across budgets.",
+        f"Pretraining: the pipeline's own artifact (pretrain {autoencoder.key[:12]}), trained on all training "
+        "images without their labels.",
+        f"Every cell trains with {s.optimizer} at learning rate {s.learning_rate:g}, batch min({s.batch_size}, "
+        f"budget), for max({s.min_steps}, {s.epochs} x ceil(budget / batch)) optimizer steps (rounded up to whole "
+        "passes over the subset), fixed in advance: no early stopping, and neither the "
+        f"{config.data.validation_size:,} validation images nor the test labels are used for any choice.",
+        "The ANN has the pretrained encoder's shape and starts from a random initialisation; softmax regression "
+        "reads the pixels. All models are scored on the same test images.",
+    ]
+
+
+@flow(name="label-study")
+def label_study(
+    profile: str = "default",
+    overrides: dict[str, Any] | None = None,
+    store: str | None = None,
+    runner: Runner = "sequential",
+    dask_address: str | None = None,
+) -> dict[str, Any]:
+    """How many labels is pretraining worth? Train each model on each label budget and seed, and compare.
+
+    Args:
+        profile: the pipeline profile whose data, validation and pretraining the study reuses.
+        overrides: dotted config overrides, e.g. {"study.seeds": 5, "study.budgets": [100, 1000]}.
+        store: store root (default: the config's, `artifacts/`).
+        runner: "sequential" (one cell at a time, in this process) or "dask" (cells side by side).
+        dask_address: an existing Dask scheduler (tcp://host:8786) for the dask runner; default: a local cluster.
+    """
+    config = load_config(profile, overrides or {}, store)
+    check_study(config)
+    run = PipelineRun(config, only=UPSTREAM, force=None)  # the same stages, keys and store as the pipeline's
+    shared = graph.shared_settings(config)
+    shared = {name: shared[name] for name in study.CONTRACT.shared}
+    cells = study.grid(config.study, config.baselines.init)
+    with running_on(task_runner(runner, dask_address)):
+        data = run.stage(download, config.data)
+        checked = run.stage(validate, config.validate_, data)
+        autoencoder = run.stage(pretrain, config.pretrain, data, checked)
+        # Cells that need no pretraining are submitted first, so they can train beside it.
+        scratch = [c for c in cells if c.model != "pretrained"]
+        pretrained = [c for c in cells if c.model == "pretrained"]
+        futures: list[PrefectFuture[Any]] = []
+        for group, encoder in ((scratch, None), (pretrained, autoencoder)):
+            if group:
+                futures += study_cell.map(group, unmapped(data), unmapped(checked), unmapped(encoder),
+                                          unmapped(shared), unmapped(str(run.store.root)))
+        refs = [future.result() for future in futures]
+        upstream = run.results()
+    report = study_report_task(config.study, refs, upstream["download"], config.data.split(),
+                               protocol(config, upstream["pretrain"]), str(run.store.root))
+    logger = get_run_logger()
+    for sentence in report.summary["verdicts"]:
+        logger.info("%s", sentence)
+    computed = sum(not r.cached for r in refs)
+    logger.info("%d cells: %d computed, %d from the store; report: %s", len(refs), computed, len(refs) - computed,
+                report.path)
+    return {"flow_run_id": flow_run.get_id(), "store": str(run.store.root),
+            "report": f"{report.path}/{study_report.REPORT_NAME}.html", "verdicts": report.summary["verdicts"],
+            "upstream": {s: r.model_dump(mode="json") for s, r in upstream.items()},
+            "cells": [r.model_dump(mode="json") for r in refs]}

@@ -1,0 +1,203 @@
+"""The label-efficiency study's cells: a class-balanced labeled subset, one model trained on it, test predictions.
+
+A cell is one (budget, seed, model). Its subset is the first `budget` images of a per-seed order of the
+training split that takes one image of each class in turn, so subsets are class-balanced and nested: the
+300-label subset of a seed holds its 100-label subset. The training schedule is fixed by the budget alone
+(`steps`); the validation images and the test labels are never read for any choice, and the test labels only
+score the finished model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from tasks.config import Init, Optimizer, SplitSpec, StudyConfig, StudyModel, TrainConfig
+from tasks.contract import Contract
+from tasks.data import load_splits
+from tasks.evaluate import as_probabilities, check_finite
+from tasks.models import (
+    CLASSIFICATION_LOSS,
+    NUM_CLASSES,
+    build_ann,
+    build_classifier,
+    build_softmax_regression,
+    compile_model,
+    extract_encoder,
+    fit,
+    load_autoencoder,
+    seed_everything,
+    write_history,
+)
+
+log = logging.getLogger(__name__)
+
+STAGE = "study-cell"
+MODEL_FILE = "model.keras"
+PREDICTIONS_FILE = "predictions.npy"
+RESULT_FILE = "cell.json"
+HISTORY_FILE = "history.json"
+# A small budget is tiled so that one Keras pass over it is about this many steps, not one step per pass
+# (Keras pays a fixed cost and logs a line per pass); the number of optimizer steps stays what `steps` says.
+STEPS_PER_PASS = 50
+
+
+class Cell(BaseModel):
+    """One cell of the grid: what it trains, on how many labels, with which seed and schedule."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: StudyModel
+    budget: int
+    seed: int
+    optimizer: Optimizer
+    learning_rate: float
+    batch_size: int
+    epochs: int
+    min_steps: int
+    init: Init  # of the ANN's random initialisation, the pipeline's baselines.init
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}-{self.budget}-seed{self.seed}"
+
+
+def grid(cfg: StudyConfig, init: Init) -> list[Cell]:
+    """Every (budget, seed, model) cell of the study, budgets outermost."""
+    schedule = cfg.model_dump(include={"optimizer", "learning_rate", "batch_size", "epochs", "min_steps"})
+    return [Cell(model=model, budget=budget, seed=seed, init=init, **schedule)
+            for budget in cfg.budgets for seed in range(cfg.seeds) for model in cfg.models]
+
+
+# --- the labeled subset ---------------------------------------------------------------------------------------
+
+def labeled_order(labels: np.ndarray, seed: int) -> np.ndarray:
+    """Indices of all training images in the order a seed labels them: one of each class in turn.
+
+    Each class's images are shuffled by the seed; the classes take turns in a seeded order, and a class that
+    runs out drops out of the rotation. Any prefix is therefore as class-balanced as the data allows.
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng([seed, 0x5EED])  # independent of the seed's use for Keras
+    classes = rng.permutation(np.unique(labels))
+    queues = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
+    depth = max((len(q) for q in queues), default=0)
+    # Row r holds the r-th pick of each class; -1 marks a class already exhausted.
+    table = np.full((depth, len(queues)), -1, dtype=np.int64)
+    for column, queue in enumerate(queues):
+        table[: len(queue), column] = queue
+    flat = table.ravel()
+    return flat[flat >= 0]
+
+
+def labeled_subset(labels: np.ndarray, budget: int, seed: int) -> np.ndarray:
+    """The indices of a seed's `budget` labeled training images (nested across budgets), in sorted order."""
+    if not 0 < budget <= len(labels):
+        raise ValueError(f"budget {budget} must lie in 1..{len(labels)}, the labeled training images available")
+    return np.sort(labeled_order(labels, seed)[:budget])
+
+
+# --- the schedule ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Schedule:
+    """How a cell trains, fixed by its budget alone: batch size, tiling of the subset, passes, optimizer steps."""
+
+    batch_size: int
+    repeats: int
+    passes: int
+    steps: int
+
+
+def schedule(cell: Cell) -> Schedule:
+    """At least `max(min_steps, epochs * ceil(budget / batch))` optimizer steps, in whole passes over the tiling."""
+    batch = min(cell.batch_size, cell.budget)
+    wanted = max(cell.min_steps, cell.epochs * math.ceil(cell.budget / batch))
+    repeats = max(1, (STEPS_PER_PASS * batch) // cell.budget)
+    per_pass = math.ceil(cell.budget * repeats / batch)
+    passes = math.ceil(wanted / per_pass)
+    return Schedule(batch_size=batch, repeats=repeats, passes=passes, steps=passes * per_pass)
+
+
+# --- one cell ----------------------------------------------------------------------------------------------------
+
+def train(cell: Cell, x: np.ndarray, y: np.ndarray, hidden: tuple[int, ...], activation: str,
+          autoencoder: Any = None) -> tuple[Any, list[dict[str, Any]], Schedule]:
+    """Train the cell's model on its labeled images only; returns the model, its history rows and the schedule.
+
+    Everything it learns from is in `x` and `y`: the budget's images and labels, nothing else.
+    """
+    if len(x) != cell.budget or len(y) != cell.budget:
+        raise ValueError(f"{cell.name}: expected {cell.budget} labeled images, got {len(x)} and {len(y)}")
+    seed_everything(cell.seed)
+    if cell.model == "pretrained":
+        if autoencoder is None:
+            raise ValueError(f"{cell.name}: the pretrained model needs the pretrained autoencoder")
+        model = build_classifier(extract_encoder(autoencoder), freeze=False)
+    elif cell.model == "ann":
+        model = build_ann(hidden, activation, cell.init, cell.seed)
+    else:
+        model = build_softmax_regression()
+    plan = schedule(cell)
+    cfg = TrainConfig(optimizer=cell.optimizer, learning_rate=cell.learning_rate, epochs=plan.passes,
+                      batch_size=plan.batch_size)
+    compile_model(model, cfg, CLASSIFICATION_LOSS)
+    rows, _ = fit(model, np.tile(x, (plan.repeats, 1)), np.tile(y, plan.repeats), None, cfg)
+    return model, rows, plan
+
+
+def predict_classes(model: Any, x: np.ndarray, name: str) -> np.ndarray:
+    """The model's predicted class of each image; refuses non-finite outputs."""
+    outputs = np.asarray(model.predict(x, batch_size=1024, verbose=0), dtype=np.float64)
+    check_finite(outputs, Path(name))
+    probabilities, _ = as_probabilities(outputs)
+    return probabilities.argmax(axis=1).astype(np.uint8)
+
+
+def run(cfg: Cell, split: SplitSpec, hidden: tuple[int, ...], activation: str, data_dir: Path, out: Path,
+        pretrain_dir: Path | None = None) -> dict[str, Any]:
+    """Train one cell on its labeled subset and score it on the test split.
+
+    Writes `model.keras`, `history.json`, `predictions.npy` (the predicted class of every test image, for
+    paired tests between models) and `cell.json` (the subset's class counts, the schedule, the test accuracy).
+    """
+    data = load_splits(data_dir, split)
+    chosen = labeled_subset(data.y_train, cfg.budget, cfg.seed)
+    autoencoder = load_autoencoder(pretrain_dir) if cfg.model == "pretrained" and pretrain_dir else None
+    model, rows, plan = train(cfg, data.x_train[chosen], data.y_train[chosen], tuple(hidden), activation,
+                              autoencoder)
+    predicted = predict_classes(model, data.x_test, cfg.name)
+    model.save(out / MODEL_FILE)
+    write_history(rows, out / HISTORY_FILE)
+    np.save(out / PREDICTIONS_FILE, predicted)
+    correct = int(np.sum(predicted == data.y_test))
+    summary = {
+        "model": cfg.model, "budget": cfg.budget, "seed": cfg.seed,
+        "class_counts": np.bincount(data.y_train[chosen], minlength=NUM_CLASSES).tolist(),
+        "steps": plan.steps, "passes": plan.passes, "repeats": plan.repeats, "batch_size": plan.batch_size,
+        "train_loss": rows[-1]["loss_mean"], "train_accuracy": rows[-1].get("accuracy"),
+        "n_test": len(predicted), "correct": correct, "accuracy": correct / len(predicted),
+    }
+    (out / RESULT_FILE).write_text(json.dumps(summary, indent=2))
+    log.info("%s: %d steps, test accuracy %.4f", cfg.name, plan.steps, summary["accuracy"])
+    return summary
+
+
+# The pretrained model reads the pretrain artifact; the ANN and softmax cells do not, so their keys (and
+# results) do not change with the pretraining.
+CONTRACT = Contract(stage=STAGE, run=run, section="study", shared=("split", "hidden", "activation"),
+                    reads={"data_dir": "download", "pretrain_dir": "pretrain"}, after=("validate",),
+                    writes=(MODEL_FILE, HISTORY_FILE, PREDICTIONS_FILE, RESULT_FILE),
+                    code=(__name__, "tasks.models", "tasks.data"))
+
+
+def load_predictions(cell_dir: str | Path) -> np.ndarray:
+    """A stored cell's predicted class of every test image."""
+    return np.load(Path(cell_dir) / PREDICTIONS_FILE)
