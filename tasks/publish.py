@@ -166,6 +166,8 @@ def summary_section(config: PipelineConfig, store: Store, refs: dict[str, Artifa
     else:
         facts.append(f"No champion for {config.data.dataset} yet")
     facts.append(_decision_sentence(decision))
+    if study := study_report.latest(store):
+        facts.append(f"Latest label-efficiency study: {study.relative_to(store.root)} in this store")
     return [document.Heading("Summary"), document.Bullets(tuple(facts))]
 
 
@@ -240,11 +242,8 @@ def run_report(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef
     configuration = [b for p in parts if heading(p) == report.CONFIG_HEADING for b in p]
     comparable = [r for r in history.read(store.root)
                   if r.get("profile") == config.profile and r.get("dataset", "mnist") == config.data.dataset]
-    study = study_report.latest(store)
-    pointer = [document.Paragraph(f"Latest label-efficiency study: {study.relative_to(store.root)} in this store.")
-               ] if study else []
     blocks = [*title, *summary_section(config, store, refs, decision, run), *body,
-              *run_section(store, refs, decision, comparable, staging, run), *(extra or []), *pointer,
+              *run_section(store, refs, decision, comparable, staging, run), *(extra or []),
               *configuration]
     document.render(blocks, staging, report.REPORT_NAME, assets=report_dir)
     final = store.root / RUNS_DIR / name

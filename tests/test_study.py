@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import keras
@@ -186,7 +187,8 @@ def test_the_pipelines_run_report_names_the_latest_study(on_dask, tmp_path):
     document.render([document.Heading("stage report", 1)], stage_report, "report")
     ref = ArtifactRef(stage="report", key="0" * 64, path=str(stage_report), cached=True, duration_s=0.0,
                       created_at="")
-    paths = publish.run_report(load_config("quick", GRID, str(store.root)), store, {"report": ref}, None, "run")
+    run = publish.RunInfo(id="run", name="quick-mnist", at=datetime.now(UTC))
+    paths = publish.run_report(load_config("quick", GRID, str(store.root)), store, {"report": ref}, None, run)
     latest = Path(on_dask["report"]).relative_to(store.root)
     assert f"Latest label-efficiency study: {latest}" in paths["markdown"].read_text()
 
