@@ -63,5 +63,5 @@ def pipeline(
     published = publish_run(config, refs, run.validated(refs))
     if published.get("report"):
         logger.info("report: %s", published["report"])
-    return {"flow_run_id": flow_run.get_id(), "store": str(run.store.root),
+    return {"flow_run_id": flow_run.get_id(), "store": run.store.url,
             "stages": {s: r.model_dump(mode="json") for s, r in refs.items()}, **published}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +18,7 @@ from tasks.download import fingerprint
 from tasks.evaluate import METRICS_FILE, load_predictions, predict_with
 from tasks.models import MODEL_FILES
 from tasks.registry import Decision, Registry, RegistryError, decide
-from tasks.store import ArtifactError, ArtifactRef, Store, key_of, read_manifest, verify
+from tasks.store import ArtifactError, ArtifactRef, Store, key_of
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +42,15 @@ def _champion_correct(store: Store, champion: dict[str, Any], config: PipelineCo
 
     None when it must be re-scored but this run did not load the data (a run with --only).
     """
-    evaluated = store.path("evaluate", champion.get("evaluate_key") or "-")
-    if champion.get("data_fingerprint") == fingerprint(config.data) and verify(evaluated, evaluated.name) is None:
-        return load_predictions(evaluated).correct(CHALLENGER)
+    evaluate_key = champion.get("evaluate_key") or "-"
+    if champion.get("data_fingerprint") == fingerprint(config.data) and store.problem("evaluate", evaluate_key) is None:
+        return load_predictions(store.path("evaluate", evaluate_key)).correct(CHALLENGER)
     if "download" not in refs:
         return None
     log.info("champion %s was scored on other data; scoring it on this run's test set", champion["key"][:12])
     splits = load_splits(refs["download"].path, config.data.split())
     try:
-        probabilities, _ = predict_with(store.root / champion["model_path"], splits.x_test)
+        probabilities, _ = predict_with(store.verified(champion["model_path"]), splits.x_test)
     except ArtifactError as exc:
         raise RegistryError(f"champion {exc}: it cannot be re-scored. Re-run the pipeline with the settings that "
                             "trained it, or `mnist-ae rollback`; this run's model is judged by the next run") from None
@@ -84,7 +83,7 @@ def promote(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef], 
         return decide(champion_correct, correct, config.promote, validation_passed=validated,
                       baseline_correct=baseline)
 
-    event = Registry(store.root, config.data.dataset).record_decision(challenger, judge, flow_run_id)
+    event = Registry(store.url, config.data.dataset).record_decision(challenger, judge, flow_run_id)
     return None if event is None else Decision(**event["decision"])
 
 
@@ -111,7 +110,7 @@ def stored_candidates(store: Store, dataset: str) -> dict[str, dict[str, Any]]:
 def _dataset_of(store: Store, download_key: str | None) -> str | None:
     """The dataset of a stored download artifact, from its manifest's summary (what the download stage returned)."""
     try:
-        return read_manifest(store.path("download", download_key or "-"))["summary"]["dataset"]
+        return store.manifest("download", download_key or "-")["summary"]["dataset"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -120,7 +119,7 @@ def record(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef], d
            flow_run_id: str | None) -> dict[str, Any]:
     """Append this run to the store's run history."""
     accuracy = refs["evaluate"].summary.get("accuracy", {}) if "evaluate" in refs else {}
-    return history.append(store.root, {
+    return history.append(store.url, {
         "flow_run_id": flow_run_id,
         "profile": config.profile,
         "dataset": config.data.dataset,
@@ -170,12 +169,11 @@ def run_report(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef
     staging = store.root / RUNS_DIR / f".{name}.tmp"
     staging.mkdir(parents=True)
     blocks = document.load_blocks(report_dir / document.BLOCKS_FILE)
-    comparable = [r for r in history.read(store.root)
+    comparable = [r for r in history.read(store.url)
                   if r.get("profile") == config.profile and r.get("dataset", "mnist") == config.data.dataset]
     blocks += run_section(refs, decision, comparable, staging, flow_run_id)
     document.render(blocks, staging, report.REPORT_NAME, assets=report_dir)
-    final = store.root / RUNS_DIR / name
-    os.replace(staging, final)
+    final = store.publish(staging, f"{RUNS_DIR}/{name}")
     return {"markdown": final / f"{report.REPORT_NAME}.md", "html": final / f"{report.REPORT_NAME}.html",
             "blocks": final / document.BLOCKS_FILE}
 
