@@ -29,7 +29,7 @@ LEASE_S = float(os.environ.get("MNIST_AE_LEASE_SECONDS", "60"))
 POLL_S = 0.5
 
 
-# The settings a client is made from: one client per process and distinct settings (making one takes seconds).
+# The settings a client is made from: one client per process and settings (making one takes seconds).
 SETTINGS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_PROFILE",
             "AWS_REGION")
 
@@ -58,7 +58,8 @@ class Bucket:
         self.bucket, _, prefix = rest.strip("/").partition("/")
         self.prefix = prefix.strip("/")
         try:
-            self.fs = _filesystem(*(os.environ.get(name) for name in SETTINGS))
+            # Keyed by process too: a forked child cannot use its parent's event-loop thread.
+            self.fs = _filesystem(os.getpid(), *(os.environ.get(name) for name in SETTINGS))
         except StoreError as exc:
             raise StoreError(f"store {url}: {exc}") from None
 
@@ -204,7 +205,7 @@ class Bucket:
 
 
 @functools.lru_cache(maxsize=4)
-def _filesystem(*settings: str | None) -> Any:
+def _filesystem(pid: int, *settings: str | None) -> Any:
     """An S3 client for these settings (read from the environment by botocore itself)."""
     try:
         import s3fs

@@ -14,10 +14,13 @@ import subprocess
 import sys
 import uuid
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from prefect.settings import PREFECT_API_URL
+from prefect.testing.utilities import prefect_test_harness
 
 from flows.cli import main as cli
 from tasks import history
@@ -32,12 +35,17 @@ DAMAGED = "report"  # the stage whose object is damaged before the second run (c
 CLOCKED = re.compile(r"\.keras$|history\.json$|^data_docs/|^validation\.json$")
 
 
-def _start(store: str, cache: Path, mnist_mirror: Path) -> subprocess.Popen[str]:
-    """`mnist-ae run` in a new process with its own local cache and its own ephemeral Prefect server."""
+@pytest.fixture(scope="module")
+def prefect_api() -> Iterator[str]:
+    """One Prefect server for every run of this module, as a team's workers share one."""
+    with prefect_test_harness(server_startup_timeout=120):
+        yield str(PREFECT_API_URL.value())
+
+
+def _start(store: str, cache: Path, mnist_mirror: Path, api: str) -> subprocess.Popen[str]:
+    """`mnist-ae run` in a new process with its own local cache, reporting to the shared Prefect server."""
     env = {**os.environ, "MNIST_MIRROR": str(mnist_mirror), "MNIST_AE_OFFLINE": "1", "MNIST_AE_CACHE": str(cache),
-           "PREFECT_HOME": str(cache.parent / f"prefect-{cache.name}"),
-           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
-    env.pop("PREFECT_API_URL", None)
+           "PREFECT_HOME": str(cache.parent / f"prefect-{cache.name}"), "PREFECT_API_URL": api}
     return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", *SETTINGS, "--store", store],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -64,17 +72,17 @@ def bucket(s3_server) -> str:
 
 
 @pytest.fixture(scope="module")
-def first(bucket, tmp_path_factory, mnist_mirror) -> dict:
+def first(bucket, tmp_path_factory, mnist_mirror, prefect_api) -> dict:
     """Two runs started together on the empty bucket, and the same run on a local store beside them."""
     tmp = tmp_path_factory.mktemp("s3-runs")
     local = tmp / "local-store"
-    outcomes = _finish([_start(bucket, tmp / "cache-a", mnist_mirror), _start(bucket, tmp / "cache-b", mnist_mirror),
-                        _start(str(local), tmp / "cache-local", mnist_mirror)])
+    outcomes = _finish([_start(store, tmp / f"cache-{name}", mnist_mirror, prefect_api)
+                        for name, store in (("a", bucket), ("b", bucket), ("local", str(local)))])
     return {"bucket_runs": outcomes[:2], "local_run": outcomes[2], "local": local, "tmp": tmp}
 
 
 @pytest.fixture(scope="module")
-def second(first, bucket, mnist_mirror) -> dict:
+def second(first, bucket, mnist_mirror, prefect_api) -> dict:
     """One object of the bucket damaged, then status and a run from another machine (an empty cache)."""
     store = Store(bucket)
     assert store.bucket is not None
@@ -87,7 +95,7 @@ def second(first, bucket, mnist_mirror) -> dict:
     with contextlib.redirect_stdout(out), pytest.MonkeyPatch.context() as env:
         env.setenv("MNIST_AE_CACHE", str(first["tmp"] / "cache-status"))
         assert cli(["status", *SETTINGS, "--store", bucket]) == 0
-    (outcomes,) = _finish([_start(bucket, cache, mnist_mirror)])
+    (outcomes,) = _finish([_start(bucket, cache, mnist_mirror, prefect_api)])
     return {"status": out.getvalue(), "outcomes": outcomes, "damaged": damaged, "cache": cache}
 
 
