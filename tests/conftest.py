@@ -105,7 +105,7 @@ def s3_server(tmp_path_factory) -> Iterator[str]:
     master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = _free_ports(8)
     cmd = [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={home / 'data'}",
            f"-master.port={master}", f"-master.port.grpc={master_grpc}", "-master.telemetry=false",
-           # Volumes are sparse files: a generous size limit costs no disk, a small one runs out of volumes.
+           # Volumes grow as written (no preallocation): a generous size limit costs no disk; small ones run out.
            "-master.volumeSizeLimitMB=1024", "-volume.max=16", f"-volume.port={volume}",
            f"-volume.port.grpc={volume_grpc}",
            "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
