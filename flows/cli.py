@@ -111,7 +111,7 @@ def _registry(args: argparse.Namespace, write: bool = False) -> Registry:
         store.check_writable()
     else:
         store.check_readable()
-    return Registry(store.root, args.dataset)
+    return Registry(store.url, args.dataset)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -159,7 +159,7 @@ def _status(args: argparse.Namespace) -> int:
     config = _config(args)
     store = Store(config.store)
     store.check_readable()
-    print(f"profile {config.profile}, store {store.root}")
+    print(f"profile {config.profile}, store {store.url}")
     if config.data.incoming:
         batches = intake.look(config.data, store)
         config = batches.apply(config)
@@ -202,7 +202,7 @@ def _predict(args: argparse.Namespace) -> int:
     registry = _registry(args)
     model = registry.champion_model()  # verified against its artifact's manifest
     if model is None:
-        raise RegistryError(f"no {args.dataset} champion in {registry.store.root}: run the pipeline first")
+        raise RegistryError(f"no {args.dataset} champion in {registry.store.url}: run the pipeline first")
     results = predict(model, args.images)
     if args.json:
         # Probabilities are finite (predict refuses a model that outputs NaN), so strict JSON cannot fail here.

@@ -78,6 +78,6 @@ def pipeline(
     publish_artifacts(config, refs, published)
     if published.get("report"):
         logger.info("report: %s", published["report"])
-    return {"flow_run_id": flow_run.get_id(), "store": str(run.store.root),
+    return {"flow_run_id": flow_run.get_id(), "store": run.store.url,
             "stages": {s: r.model_dump(mode="json") for s, r in refs.items()},
             "batches": None if batches is None else asdict(batches), **published}

@@ -127,7 +127,7 @@ class PipelineRun:
         if stage not in self.only:
             return self.stored.get(stage)
         contract = graph.CONTRACTS[stage]
-        context = StageContext(stage=stage, store=str(self.store.root), force=stage in self.force,
+        context = StageContext(stage=stage, store=self.store.url, force=stage in self.force,
                                shared={name: self.shared[name] for name in contract.shared})
         future: PrefectFuture[ArtifactRef] = task.with_options(
             task_run_name=f"{stage}-{self.steps[stage].key[:12]}",
@@ -140,7 +140,8 @@ class PipelineRun:
         refs = dict(self.stored)
         for stage in self.config.stages:
             if stage in self.submitted:
-                refs[stage] = self.submitted[stage].result()
+                # A stage computed on another machine is read here from this machine's verified copy.
+                refs[stage] = self.store.localized(self.submitted[stage].result())
         return {s: refs[s] for s in self.config.stages if s in refs}
 
     def validated(self, refs: dict[str, ArtifactRef]) -> bool:

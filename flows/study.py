@@ -41,10 +41,12 @@ def study_cell(cell: study.Cell, data: ArtifactRef, checked: ArtifactRef, autoen
 def study_report_task(cfg: StudyConfig, cells: list[ArtifactRef], data: ArtifactRef, split: SplitSpec,
                       protocol: list[str], store: str) -> ArtifactRef:
     """Write the study's report as an artifact keyed by its cells, and publish it to Prefect."""
+    reports = Store(store)
+    cells = [reports.localized(ref) for ref in cells]  # computed on other machines, maybe
     results = [study_report.CellResult.of(ref.summary, ref.path) for ref in cells]
-    y_test = load_splits(data.path, split).y_test  # scoring only: every choice was made before this
+    y_test = load_splits(reports.localized(data).path, split).y_test  # scoring only: every choice was made before
     inputs = study_report.key_inputs(cfg, [ref.key for ref in cells])
-    ref = Store(store).materialize(
+    ref = reports.materialize(
         study_report.STAGE, key_of(inputs), inputs,
         lambda out: study_report.write(cfg, results, y_test, protocol, out))
     page = f"{ref.path}/{study_report.REPORT_NAME}.html"
@@ -108,18 +110,18 @@ def label_study(
         for group, encoder in ((scratch, None), (pretrained, autoencoder)):
             if group:
                 futures += study_cell.map(group, unmapped(data), unmapped(checked), unmapped(encoder),
-                                          unmapped(shared), unmapped(str(run.store.root)))
+                                          unmapped(shared), unmapped(run.store.url))
         refs = [future.result() for future in futures]
         upstream = run.results()
     report = study_report_task(config.study, refs, upstream["download"], config.data.split(),
-                               protocol(config, upstream["pretrain"]), str(run.store.root))
+                               protocol(config, upstream["pretrain"]), run.store.url)
     logger = get_run_logger()
     for sentence in report.summary["verdicts"]:
         logger.info("%s", sentence)
     computed = sum(not r.cached for r in refs)
     logger.info("%d cells: %d computed, %d from the store; report: %s", len(refs), computed, len(refs) - computed,
                 report.path)
-    return {"flow_run_id": flow_run.get_id(), "store": str(run.store.root),
+    return {"flow_run_id": flow_run.get_id(), "store": run.store.url,
             "report": f"{report.path}/{study_report.REPORT_NAME}.html", "verdicts": report.summary["verdicts"],
             "upstream": {s: r.model_dump(mode="json") for s, r in upstream.items()},
             "cells": [r.model_dump(mode="json") for r in refs]}

@@ -223,9 +223,10 @@ class PipelineConfig(_Section):
 
     @field_validator("store")
     @classmethod
-    def _local_store(cls, v: str) -> str:
-        if "://" in v and not v.startswith("file://"):
-            raise ValueError(f"{v}: only local store roots are supported so far")
+    def _known_store(cls, v: str) -> str:
+        scheme = v.partition("://")[0] if "://" in v else "file"
+        if scheme not in ("file", "s3"):
+            raise ValueError(f"{v}: store roots are local paths or s3://bucket/prefix URLs")
         return v
 
     @field_validator("stages")

@@ -12,7 +12,7 @@ from tasks import baselines, download, evaluate, finetune, pretrain, report, val
 from tasks.config import PipelineConfig, Stage
 from tasks.contract import Contract
 from tasks.models import Progress
-from tasks.store import ArtifactRef, Store, key_of, verify
+from tasks.store import ABSENT, ArtifactRef, Store, key_of
 
 CONTRACTS: dict[str, Contract] = {c.stage: c for c in (
     download.CONTRACT, validate.CONTRACT, pretrain.CONTRACT, finetune.CONTRACT, baselines.CONTRACT,
@@ -70,8 +70,9 @@ def plan(config: PipelineConfig, store: Store) -> list[Step]:
     for stage in config.stages:
         inputs = CONTRACTS[stage].key_inputs(section_of(config, stage), shared, keys)
         key = keys[stage] = key_of(inputs)
-        cached = store.path(stage, key).exists() and verify(store.path(stage, key), key) is None
-        steps.append(Step(stage, key, inputs, cached, "" if cached else why_missing(store, stage, key, inputs)))
+        problem = store.problem(stage, key)
+        steps.append(Step(stage, key, inputs, problem is None, "" if problem is None else why_missing(
+            store, stage, key, inputs, problem)))
     return steps
 
 
@@ -98,17 +99,18 @@ def stored_upstream(config: PipelineConfig, steps: list[Step], only: set[Stage],
     if missing:
         missing.sort(key=steps.index)
         raise MissingUpstream(
-            f"{', '.join(s for s in config.stages if s in only)} needs stages that are not in {store.root}: "
+            f"{', '.join(s for s in config.stages if s in only)} needs stages that are not in {store.url}: "
             + "; ".join(f"{s.stage} ({s.reason})" for s in missing)
             + f". Run them first (mnist-ae run --only {','.join(s.stage for s in missing)}) or run without --only."
         )
     return refs
 
 
-def why_missing(store: Store, stage: str, key: str, inputs: dict[str, Any]) -> str:
+def why_missing(store: Store, stage: str, key: str, inputs: dict[str, Any], problem: str | None = None) -> str:
     """Explain a miss: a damaged artifact, or what changed against the newest stored artifact of the stage."""
-    if store.path(stage, key).exists():
-        return f"stored artifact is damaged: {verify(store.path(stage, key), key)}; the next run recomputes it"
+    problem = problem or store.problem(stage, key)
+    if problem != ABSENT:
+        return f"stored artifact is damaged: {problem}; the next run recomputes it"
     previous = store.manifests(stage)
     if not previous:
         return "never computed"
@@ -140,7 +142,7 @@ def execute(stage: str, section: BaseModel, upstream: list[ArtifactRef], shared:
     stages (the study's cells); by default the stage's own.
     """
     contract = contract or CONTRACTS[stage]
-    refs = {ref.stage: ref for ref in upstream}
+    refs = {ref.stage: store.localized(ref) for ref in upstream}  # computed on another machine, maybe
     if unexpected := sorted(set(refs) - set(contract.upstream)):
         raise ValueError(
             f"stage {stage} does not read {', '.join(unexpected)}; it reads {', '.join(contract.upstream)}.")

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from tasks.store import Store
+from tasks.store import Conflict, Store
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,10 @@ def append(root: str | os.PathLike[str], record: dict[str, Any]) -> dict[str, An
     """
     record = {"at": datetime.now(UTC).isoformat(timespec="seconds"), **record}
     line = json.dumps(record, sort_keys=True, default=str)
+    store = Store(root)
+    if store.bucket:
+        _append_object(store, line)
+        return record
     path = history_path(root)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,16 +63,29 @@ def append(root: str | os.PathLike[str], record: dict[str, Any]) -> dict[str, An
     return record
 
 
+def _append_object(store: Store, line: str) -> None:
+    """Object stores cannot append: rewrite the object under the history lock, only over the version read."""
+    rel = HISTORY_FILE.as_posix()
+    try:
+        with store.lock("history"):
+            text = store.read_text(rel, errors="replace") or ""
+            store.write_text(rel, text + ("\n" if text and not text.endswith("\n") else "") + line + "\n")
+    except (OSError, UnicodeDecodeError, Conflict) as exc:
+        raise HistoryError(f"run history {store.location(rel)} cannot be appended to ({exc}); "
+                           "it was left as it is: fix or move it aside") from None
+
+
 def read(root: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """All run records, oldest first; torn or corrupt lines are skipped with one warning naming them."""
-    path = history_path(root)
+    store = Store(root)
+    path = store.location(HISTORY_FILE.as_posix())
     try:
-        text = path.read_text(errors="replace")
-    except FileNotFoundError:
-        return []
-    except OSError as exc:
-        raise HistoryError(f"run history {path} cannot be read ({exc.strerror or exc}); "
+        text = store.read_text(HISTORY_FILE.as_posix(), errors="replace")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise HistoryError(f"run history {path} cannot be read ({getattr(exc, 'strerror', None) or exc}); "
                            "it was left as it is: fix or move it aside") from None
+    if text is None:
+        return []
     records, skipped = [], []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():

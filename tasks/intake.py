@@ -26,7 +26,7 @@ from tasks.config import DataConfig, PipelineConfig, SplitSpec
 from tasks.data import training_images
 from tasks.download import fetch
 from tasks.idx import DataError
-from tasks.store import Store, verify
+from tasks.store import Store
 from tasks.validate import Reference, ValidationFailed, reference, validate_batch
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,8 @@ class Intake:
 
 
 def is_accepted(store: Store, sha256: str) -> bool:
-    path = store.path(VERDICTS, sha256)
-    return path.is_dir() and verify(path, sha256) is None
+    """Whether an intact verdict artifact accepts the batch (on an object store, pulled and verified)."""
+    return store.problem(VERDICTS, sha256) is None
 
 
 def look(cfg: DataConfig, store: Store) -> Intake:

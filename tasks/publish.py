@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,7 +19,7 @@ from tasks.download import fingerprint
 from tasks.evaluate import METRICS_FILE, load_predictions, predict_with
 from tasks.models import MODEL_FILES
 from tasks.registry import Decision, Registry, RegistryError, decide
-from tasks.store import ArtifactError, ArtifactRef, Store, key_of, read_manifest, verify
+from tasks.store import ArtifactError, ArtifactRef, Store, key_of, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +43,15 @@ def _champion_correct(store: Store, champion: dict[str, Any], config: PipelineCo
 
     None when it must be re-scored but this run did not load the data (a run with --only).
     """
-    evaluated = store.path("evaluate", champion.get("evaluate_key") or "-")
-    if champion.get("data_fingerprint") == fingerprint(config.data) and verify(evaluated, evaluated.name) is None:
-        return load_predictions(evaluated).correct(CHALLENGER)
+    evaluate_key = champion.get("evaluate_key") or "-"
+    if champion.get("data_fingerprint") == fingerprint(config.data) and store.problem("evaluate", evaluate_key) is None:
+        return load_predictions(store.path("evaluate", evaluate_key)).correct(CHALLENGER)
     if "download" not in refs:
         return None
     log.info("champion %s was scored on other data; scoring it on this run's test set", champion["key"][:12])
     splits = load_splits(refs["download"].path, config.data.split())
     try:
-        probabilities, _ = predict_with(store.root / champion["model_path"], splits.x_test)
+        probabilities, _ = predict_with(store.verified(champion["model_path"]), splits.x_test)
     except ArtifactError as exc:
         raise RegistryError(f"champion {exc}: it cannot be re-scored. Re-run the pipeline with the settings that "
                             "trained it, or `mnist-ae rollback`; this run's model is judged by the next run") from None
@@ -85,7 +84,7 @@ def promote(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef], 
         return decide(champion_correct, correct, config.promote, validation_passed=validated,
                       baseline_correct=baseline)
 
-    event = Registry(store.root, config.data.dataset).record_decision(challenger, judge, flow_run_id)
+    event = Registry(store.url, config.data.dataset).record_decision(challenger, judge, flow_run_id)
     return None if event is None else Decision(**event["decision"])
 
 
@@ -112,7 +111,7 @@ def stored_candidates(store: Store, dataset: str) -> dict[str, dict[str, Any]]:
 def _dataset_of(store: Store, download_key: str | None) -> str | None:
     """The dataset of a stored download artifact, from its manifest's summary (what the download stage returned)."""
     try:
-        return read_manifest(store.path("download", download_key or "-"))["summary"]["dataset"]
+        return store.manifest("download", download_key or "-")["summary"]["dataset"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -126,7 +125,7 @@ def record(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef], d
     built it spent; its key says which artifact it was, so a run that re-scored the same models is not a new point.
     """
     accuracy = refs["evaluate"].summary.get("accuracy", {}) if "evaluate" in refs else {}
-    return history.append(store.root, {
+    return history.append(store.url, {
         "flow_run_id": flow_run_id,
         "flow_run_name": flow_run_name,
         "profile": config.profile,
@@ -156,7 +155,7 @@ def summary_section(config: PipelineConfig, store: Store, refs: dict[str, Artifa
     rows = {r["model"]: r for r in reported.get("rows") or []}
     if (best := reported.get("best_model")) in rows:
         facts.append(f"Best model: {best}, {100 * rows[best]['accuracy']:.2f} % test accuracy")
-    champion = Registry(store.root, config.data.dataset).champion()
+    champion = Registry(store.url, config.data.dataset).champion()
     if champion:
         accuracy = (champion.get("metrics") or {}).get("accuracy")
         facts.append(f"Champion for {config.data.dataset}: model {champion['key'][:12]}"
@@ -240,14 +239,13 @@ def run_report(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef
     # The stage's own table of artifacts gives way to this run's, and the configuration moves to the end.
     body = [b for p in parts if heading(p) not in (report.STAGES_HEADING, report.CONFIG_HEADING) for b in p]
     configuration = [b for p in parts if heading(p) == report.CONFIG_HEADING for b in p]
-    comparable = [r for r in history.read(store.root)
+    comparable = [r for r in history.read(store.url)
                   if r.get("profile") == config.profile and r.get("dataset", "mnist") == config.data.dataset]
     blocks = [*title, *summary_section(config, store, refs, decision, run), *body,
               *run_section(store, refs, decision, comparable, staging, run), *(extra or []),
               *configuration]
     document.render(blocks, staging, report.REPORT_NAME, assets=report_dir)
-    final = store.root / RUNS_DIR / name
-    os.replace(staging, final)
+    final = store.publish(staging, f"{RUNS_DIR}/{name}")
     return {"markdown": final / f"{report.REPORT_NAME}.md", "html": final / f"{report.REPORT_NAME}.html",
             "blocks": final / document.BLOCKS_FILE}
 

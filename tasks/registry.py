@@ -15,7 +15,7 @@ import numpy as np
 
 from tasks.config import PromoteConfig
 from tasks.evaluate import mcnemar_exact
-from tasks.store import ArtifactError, Store, verified_file, write_json_atomic
+from tasks.store import ArtifactError, Conflict, Store
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,9 @@ class Registry:
 
     def __init__(self, root: str | os.PathLike[str], dataset: str = "mnist") -> None:
         self.store = Store(root)
-        self.path = self.store.root / REGISTRY_DIR / f"{dataset}.json"
+        self._rel = f"{REGISTRY_DIR}/{dataset}.json"
+        self.path = self.store.root / self._rel  # the local file (of an object store's cache: messages use location)
+        self.location = self.store.location(self._rel)
         self._lock = f"registry-{dataset}"
 
     def champion(self) -> dict[str, Any] | None:
@@ -143,9 +145,8 @@ class Registry:
         champ = self.champion()
         if champ is None:
             return None
-        path = self.store.root / champ["model_path"]
         try:
-            return verified_file(path)
+            return self.store.verified(champ["model_path"])
         except ArtifactError as exc:
             raise RegistryError(f"champion {exc}. Re-run the pipeline with the settings that trained it (the store "
                                 "rebuilds a damaged artifact), or go back with `mnist-ae rollback`") from None
@@ -187,7 +188,7 @@ class Registry:
         if candidate["key"] != key:
             raise RegistryError(f"candidate key {candidate['key']} does not match {key}")
         try:
-            verified_file(self.store.root / self._normalise(candidate)["model_path"])
+            self.store.verified(self._normalise(candidate)["model_path"])
         except ArtifactError as exc:
             raise RegistryError(f"cannot promote {key[:12]}: {exc}") from None
         event = {"event": "manual", "at": _now(), "by": by, "reason": reason, "candidate": self._normalise(candidate)}
@@ -206,7 +207,7 @@ class Registry:
             event = {"event": "rollback", "at": _now(), "by": by, "reason": reason, "candidate": previous}
             state["champion"] = _champion(event)
             state["history"].append(event)
-            write_json_atomic(self.path, state)
+            self._write(state)
         log.info("registry: %s by %s", reason, by)
         return state["champion"]
 
@@ -219,7 +220,7 @@ class Registry:
         if promote:
             state["champion"] = _champion(event)
         state["history"].append(event)
-        write_json_atomic(self.path, state)
+        self._write(state)
         log.info("registry: %s %s (%s)", event["event"], event["candidate"]["key"][:12], event["reason"])
         return event
 
@@ -233,11 +234,11 @@ class Registry:
     def _read(self) -> dict[str, Any]:
         """The registry document; a file that is not one is an error naming it, and is never overwritten."""
         try:
-            text = self.path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return {"champion": None, "history": []}
+            text = self.store.read_text(self._rel)
         except (OSError, UnicodeDecodeError) as exc:
             raise self._corrupt(f"unreadable: {getattr(exc, 'strerror', None) or exc}") from None
+        if text is None:
+            return {"champion": None, "history": []}
         try:
             state = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -246,8 +247,16 @@ class Registry:
             raise self._corrupt(problem)
         return state
 
+    def _write(self, state: dict[str, Any]) -> None:
+        """Replace the registry document (read under the same lock); refused if another writer changed it since."""
+        try:
+            self.store.write_text(self._rel, json.dumps(state, indent=2, sort_keys=True, default=str))
+        except Conflict:
+            raise RegistryError(f"registry {self.location} was changed by another run while this one held its "
+                                "lock (its lease expired?); nothing was written: run the command again") from None
+
     def _corrupt(self, problem: str) -> RegistryError:
-        return RegistryError(f"registry file {self.path} is damaged ({problem}); it was left untouched. Restore it "
+        return RegistryError(f"registry file {self.location} is damaged ({problem}); it was left untouched. Restore it "
                              f"from a backup, or move it aside (e.g. to {self.path.name}.bad) to start a new registry")
 
 

@@ -1,4 +1,9 @@
-"""Content-addressed artifact store: one directory per (stage, key), written atomically, verified on load."""
+"""Content-addressed artifact store: one directory per (stage, key), written atomically, verified on load.
+
+The root is a local directory or an `s3://bucket/prefix` URL. A local root keeps rename and file locks; an
+object-store root is mirrored by a local cache directory (`Store.root`), into which artifacts are pulled and
+verified before use, and from which new ones are pushed, their manifest created last (see tasks/objects.py).
+"""
 
 from __future__ import annotations
 
@@ -18,13 +23,16 @@ from typing import Any
 from filelock import FileLock
 from pydantic import BaseModel, ConfigDict
 
+from tasks.objects import Bucket, Conflict, StoreError
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+CACHE_ENV = "MNIST_AE_CACHE"
+ABSENT = "not stored"
 
-
-class StoreError(RuntimeError):
-    """The store root cannot be used; the message names it and what to do."""
+__all__ = ["ABSENT", "ArtifactError", "ArtifactRef", "Conflict", "Store", "StoreError", "key_of", "read_manifest",
+           "sha256_file", "verified_file", "verify", "write_json_atomic", "write_manifest"]
 
 
 class ArtifactError(RuntimeError):
@@ -58,26 +66,46 @@ def key_of(inputs: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
 
 
-class Store:
-    """A store root holding `<stage>/<key>/` artifact directories.
+def cache_dir(url: str) -> Path:
+    """This machine's local copy of an object-store root: `$MNIST_AE_CACHE/<hash of the URL>`."""
+    base = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mnist-ae"
+    return Path(base).resolve() / hashlib.sha256(url.encode()).hexdigest()[:16]
 
-    All paths are derived here. Only a local directory is supported now; the layout
-    (a manifest written last, inside a directory that appears whole) is the one an
-    object store would use with the manifest as its commit marker.
+
+class Store:
+    """A store root holding `<stage>/<key>/` artifact directories, each with a manifest written last.
+
+    All paths are derived here. `url` is the root as given (a resolved local path, or an `s3://` URL);
+    `root` is the local directory that stages read and write: the store itself, or the object store's cache.
     """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         text = os.fspath(root)
-        self.root = Path(text.removeprefix("file://")).resolve()
+        self.bucket: Bucket | None = None
+        if "://" in text and not text.startswith("file://"):
+            self.bucket = Bucket(text)
+            self.url = self.bucket.url
+            self.root = cache_dir(self.url)
+        else:
+            self.root = Path(text.removeprefix("file://")).resolve()
+            self.url = str(self.root)
+        self._versions: dict[str, str | None] = {}  # ETag of each document last read (object stores)
 
     def __repr__(self) -> str:
-        return f"Store({str(self.root)!r})"
+        return f"Store({self.url!r})"
 
     def path(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
+    def location(self, rel: str) -> str:
+        """Where a path relative to the root is stored, for messages: a local path or a URL."""
+        return self.bucket.location(rel) if self.bucket else str(self.root / rel)
+
     def check_readable(self) -> None:
         """Fail with one line naming the root when it (or a parent) is not a directory; a missing root is empty."""
+        if self.bucket:
+            self.bucket.check_readable()
+            return
         for path in (self.root, *self.root.parents):
             if path.exists():
                 if not path.is_dir():
@@ -86,6 +114,9 @@ class Store:
 
     def check_writable(self) -> None:
         """Fail with one line naming the root when artifacts cannot be written under it, before any work."""
+        if self.bucket:
+            self.bucket.check_writable()
+            return
         self.check_readable()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -106,21 +137,44 @@ class Store:
 
     @contextmanager
     def lock(self, name: str) -> Iterator[None]:
-        """An inter-process lock under the store root (one per artifact key, registry, history...)."""
-        locks = self.root / ".locks"
-        locks.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(locks / f"{name}.lock")):
+        """A lock for every process using the store (one per artifact key, registry, history...).
+
+        A file lock under a local root; a lease object under an object-store root, held by one process
+        on any machine (Prefect's concurrency limits would need a shared Prefect server, which command-line
+        runs with their ephemeral servers do not have).
+        """
+        if self.bucket:
+            with self.bucket.lease(f".locks/{name}.lock"):
+                yield
+            return
+        with self._local_lock(name):
             yield
 
-    def load(self, stage: str, key: str) -> ArtifactRef | None:
-        """The artifact if it is present and intact; a damaged one is moved aside with a warning."""
+    def _local_lock(self, name: str) -> FileLock:
+        locks = self.root / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(locks / f"{name}.lock"))
+
+    def problem(self, stage: str, key: str) -> str | None:
+        """What is wrong with the stored artifact (ABSENT when there is none), or None when it is intact.
+
+        Under an object-store root, an intact artifact is left verified in the local cache.
+        """
+        if self.bucket:
+            return self._pull(stage, key)
         directory = self.path(stage, key)
-        if not directory.exists():
+        return verify(directory, key) if directory.exists() else ABSENT
+
+    def load(self, stage: str, key: str) -> ArtifactRef | None:
+        """The artifact if it is present and intact; a damaged one is moved aside (replaced later) with a warning."""
+        problem = self.problem(stage, key)
+        if problem == ABSENT:
             return None
-        problem = verify(directory, key)
+        directory = self.path(stage, key)
         if problem:
             log.warning("artifact %s/%s is damaged (%s); recomputing it", stage, key[:12], problem)
-            self._discard(directory)
+            if not self.bucket:  # in an object store the recomputed artifact's manifest replaces the damaged one
+                self._discard(directory)
             return None
         manifest = read_manifest(directory)
         return ArtifactRef(stage=stage, key=key, path=str(directory), cached=True,
@@ -160,24 +214,142 @@ class Store:
             created = datetime.now(UTC).isoformat(timespec="seconds")
             write_manifest(staging, stage=stage, key=key, key_inputs=key_inputs,
                            summary=summary, duration_s=duration, created_at=created)
-            final = self.path(stage, key)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            if final.exists():
-                self._discard(final)
-            os.replace(staging, final)
-            _fsync_dir(final.parent)
+            if self.bucket and not self._push(staging, f"{stage}/{key}"):
+                shutil.rmtree(staging, ignore_errors=True)
+                if hit := self.load(stage, key):
+                    return hit
+                raise StoreError(f"store {self.url}: {stage}/{key[:12]} was committed by another run while this one "
+                                 "held its lock, and fails verification; run again")
+            final = self._install(staging, self.path(stage, key))
             return ArtifactRef(stage=stage, key=key, path=str(final), cached=False,
                                duration_s=duration, created_at=created, summary=summary)
 
     def manifests(self, stage: str) -> list[dict[str, Any]]:
         """Manifests of the intact-looking artifacts of a stage, newest first."""
         found = []
-        for manifest in (self.root / stage).glob(f"*/{MANIFEST}"):
+        if self.bucket:
+            texts = [got[0] for rel in self.bucket.glob(f"{stage}/*/{MANIFEST}") if (got := self.bucket.get(rel))]
+        else:
+            texts = [p.read_bytes() for p in (self.root / stage).glob(f"*/{MANIFEST}")]
+        for text in texts:
             try:
-                found.append(json.loads(manifest.read_text()))
-            except (OSError, json.JSONDecodeError):
+                found.append(json.loads(text))
+            except (UnicodeDecodeError, json.JSONDecodeError):
                 continue
         return sorted(found, key=lambda m: m.get("created_at", ""), reverse=True)
+
+    def manifest(self, stage: str, key: str) -> dict[str, Any]:
+        """The manifest of one stored artifact (unverified; FileNotFoundError when absent)."""
+        if self.bucket:
+            got = self.bucket.get(f"{stage}/{key}/{MANIFEST}")
+            if got is None:
+                raise FileNotFoundError(self.location(f"{stage}/{key}/{MANIFEST}"))
+            manifest: dict[str, Any] = json.loads(got[0])
+            return manifest
+        return read_manifest(self.path(stage, key))
+
+    def localized(self, ref: ArtifactRef) -> ArtifactRef:
+        """The artifact with its path in this machine's copy, verified (a ref may come from another machine)."""
+        if not self.bucket:
+            return ref
+        if problem := self._pull(ref.stage, ref.key):
+            raise ArtifactError(f"{self.location(f'{ref.stage}/{ref.key}')}: {problem}")
+        return ref.model_copy(update={"path": str(self.path(ref.stage, ref.key))})
+
+    def verified(self, rel: str) -> Path:
+        """The local copy of a stored file `<stage>/<key>/<file>`, once its artifact's manifest vouches for it."""
+        path = self.root / rel
+        if self.bucket and len(parts := Path(rel).parts) >= 3:
+            if (problem := self._pull(parts[0], parts[1])) and problem != ABSENT:
+                raise ArtifactError(f"{self.location(rel)}: fails verification against its artifact's manifest "
+                                    f"({problem})")
+        return verified_file(path)
+
+    def publish(self, staging: Path, rel: str) -> Path:
+        """Move a finished local directory to `rel` under the root (and upload its files); return the local copy."""
+        if self.bucket:
+            for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+                self.bucket.upload(path, f"{rel}/{path.relative_to(staging).as_posix()}")
+        final = self.root / rel
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, final)
+        return final
+
+    def read_text(self, rel: str, errors: str = "strict") -> str | None:
+        """A small document under the root (registry, history), or None when there is none."""
+        if self.bucket:
+            got = self.bucket.get(rel)
+            self._versions[rel] = got and got[1]
+            return None if got is None else got[0].decode("utf-8", errors)
+        try:
+            return (self.root / rel).read_text(encoding="utf-8", errors=errors)
+        except FileNotFoundError:
+            return None
+
+    def write_text(self, rel: str, text: str) -> None:
+        """Replace a small document in one step; in an object store only if it is still the version read last.
+
+        Callers hold `lock`; the conditional write (If-Match on the ETag read, If-None-Match for a new
+        document) also refuses the write of a process whose lease was taken over, instead of losing an update.
+        """
+        if self.bucket:
+            version = self._versions.get(rel)
+            self._versions[rel] = self.bucket.put(rel, text.encode("utf-8"), if_match=version, create=version is None)
+            return
+        _write_text_atomic(self.root / rel, text)
+
+    def _pull(self, stage: str, key: str) -> str | None:
+        """Bring an object-store artifact into the local cache, verified; what is wrong with it, or None."""
+        assert self.bucket
+        got = self.bucket.get(f"{stage}/{key}/{MANIFEST}")
+        if got is None:
+            return ABSENT
+        final = self.path(stage, key)
+        with self._local_lock(f"pull-{stage}-{key}"):
+            if (final / MANIFEST).is_file() and (final / MANIFEST).read_bytes() == got[0] and not verify(final, key):
+                return None
+            staging = self.root / ".tmp" / f"pull-{stage}-{key}-{uuid.uuid4().hex[:8]}"
+            try:
+                staging.mkdir(parents=True)
+                (staging / MANIFEST).write_bytes(got[0])
+                try:
+                    files = json.loads(got[0]).get("files", {})
+                except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                    return f"unreadable manifest: {exc}"
+                for rel in files:
+                    try:
+                        self.bucket.download(f"{stage}/{key}/{rel}", staging / rel)
+                    except FileNotFoundError:
+                        return f"missing file {rel}"
+                if problem := verify(staging, key):
+                    return problem
+                self._install(staging, final)
+                return None
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+
+    def _push(self, staging: Path, rel: str) -> bool:
+        """Upload an artifact's files, then create its manifest (or replace a damaged one it saw); False if beaten."""
+        assert self.bucket
+        old = self.bucket.get(f"{rel}/{MANIFEST}")
+        for path in sorted(p for p in staging.rglob("*") if p.is_file() and p.name != MANIFEST):
+            self.bucket.upload(path, f"{rel}/{path.relative_to(staging).as_posix()}")
+        try:
+            self.bucket.put(f"{rel}/{MANIFEST}", (staging / MANIFEST).read_bytes(),
+                            create=old is None, if_match=old and old[1])
+        except Conflict:
+            log.warning("artifact %s was committed by another run first; using that one", rel)
+            return False
+        return True
+
+    def _install(self, staging: Path, final: Path) -> Path:
+        """Move a complete local artifact directory into place, replacing an older copy."""
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():
+            self._discard(final)
+        os.replace(staging, final)
+        _fsync_dir(final.parent)
+        return final
 
     def _discard(self, directory: Path) -> None:
         trash = self.root / ".trash" / f"{directory.parent.name}-{directory.name[:12]}-{uuid.uuid4().hex[:8]}"
@@ -247,9 +419,13 @@ def verified_file(path: Path) -> Path:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Replace a small JSON document in one step (registry, history)."""
+    _write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+    tmp.write_text(text)
     _fsync_file(tmp)
     os.replace(tmp, path)
     _fsync_dir(path.parent)

