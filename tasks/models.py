@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -368,8 +369,15 @@ def fit(model: keras.Model, x: np.ndarray, y: np.ndarray, validation: tuple[np.n
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(tensorboard / name), histogram_freq=0,
                                                      write_graph=False, profile_batch=0, update_freq="epoch"))
     started = time.perf_counter()
-    model.fit(x, y, batch_size=cfg.batch_size, epochs=cfg.epochs, validation_data=validation, shuffle=True,
-              callbacks=callbacks, verbose=0)
+    try:
+        model.fit(x, y, batch_size=cfg.batch_size, epochs=cfg.epochs, validation_data=validation, shuffle=True,
+                  callbacks=callbacks, verbose=0)
+    except TrainingDiverged:
+        if tensorboard is not None:  # curves of a diverged training are no partial output worth keeping
+            shutil.rmtree(tensorboard / name, ignore_errors=True)
+            if tensorboard.is_dir() and not any(tensorboard.iterdir()):
+                tensorboard.rmdir()
+        raise
     seconds = time.perf_counter() - started
     return epoch_log.rows, summarize(epoch_log.rows, seconds, restored=cfg.early_stopping_patience is not None)
 

@@ -2,7 +2,7 @@
 
 Trains the `default` profile's autoencoder on real MNIST (the first 20,000 training images) for a few epochs,
 alternating runs without and with `tensorboard=`, and prints the median seconds of each and their ratio. It also
-checks that both give the same weights. Run: `.venv/bin/python bench/tensorboard.py [--epochs N] [--repeats N]`.
+checks that both give the same weights. Run: `.venv/bin/python bench/event_files.py [--epochs N] [--repeats N]`.
 """
 
 from __future__ import annotations
