@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 # Tests and CI read MNIST from the local mirror beside the repository and never use the network.
 TEST_MIRROR ?= $(abspath ../shared/data/mnist)
 PROFILE ?= default
+# Training keeps about one core busy, so two test processes use both; a file's tests share one process.
+TEST_WORKERS ?= 2
 
 .PHONY: run test lint bench bench-runners bench-drift clean
 
@@ -24,7 +26,7 @@ run: $(BIN)/mnist-ae
 test: $(VENV)/.test-extras
 	$(BIN)/ruff check flows tasks tests bench
 	$(BIN)/mypy
-	MNIST_MIRROR=$(TEST_MIRROR) MNIST_AE_OFFLINE=1 $(BIN)/python -m pytest -q
+	MNIST_MIRROR=$(TEST_MIRROR) MNIST_AE_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(BIN)/mnist-ae
 	$(BIN)/python bench/profiles.py
