@@ -35,8 +35,8 @@ STAGES = ["download", "validate", "pretrain", "finetune", "baselines", "evaluate
 DAMAGED = "report"  # the stage whose object is damaged before the second run (cheap to recompute)
 # Files that record when or in which process they were made, so two identical runs differ there: Keras's
 # date_saved and object ids in .keras files, seconds per epoch in histories, Great Expectations' run times
-# (also in the names of its Data Docs pages).
-CLOCKED = re.compile(r"\.keras$|history\.json$|^data_docs/|^validation\.json$")
+# (also in the names of its Data Docs pages), TensorBoard's event files (time, host and process in their names).
+CLOCKED = re.compile(r"\.keras$|history\.json$|^data_docs/|^validation\.json$|^tensorboard/")
 
 
 @pytest.fixture(scope="module")

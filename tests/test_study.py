@@ -180,11 +180,12 @@ def test_quick_grid_on_dask_reuses_the_pipelines_artifacts_and_reports(on_dask):
 
 def test_the_pipelines_run_report_names_the_latest_study(on_dask, tmp_path):
     from tasks import document, publish
-    from tasks.store import ArtifactRef
+    from tasks.store import ArtifactRef, write_manifest
 
     store = Store(on_dask["store"])
     stage_report = tmp_path / "report"
     document.render([document.Heading("stage report", 1)], stage_report, "report")
+    write_manifest(stage_report, key="0" * 64)  # as the store publishes a report artifact
     ref = ArtifactRef(stage="report", key="0" * 64, path=str(stage_report), cached=True, duration_s=0.0,
                       created_at="")
     run = publish.RunInfo(id="run", name="quick-mnist", at=datetime.now(UTC))
