@@ -9,7 +9,7 @@ PROFILE ?= default
 # (measured: 14 min against 16 with two); a file's tests share one process.
 TEST_WORKERS ?= 3
 
-.PHONY: run test lint bench bench-runners bench-drift clean
+.PHONY: run test lint bench bench-runners bench-drift bench-speed clean
 
 $(BIN)/mnist-ae: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ bench-runners: $(BIN)/mnist-ae
 
 bench-drift: $(BIN)/mnist-ae
 	MNIST_MIRROR=$(TEST_MIRROR) $(BIN)/python bench/drift.py
+
+bench-speed: $(BIN)/mnist-ae
+	MNIST_MIRROR=$(TEST_MIRROR) $(BIN)/python bench/speed.py
 
 clean:
 	rm -rf $(VENV) artifacts/*/ artifacts/.[!.]* .pytest_cache

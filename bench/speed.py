@@ -1,0 +1,115 @@
+"""Seconds per pretraining epoch of the seed network: the pipeline's stage against a bare `keras.Model.fit`.
+
+One invocation, each variant in a fresh process (Keras seeding and TensorFlow's op determinism are process-wide),
+on the 55,000 training images at batch 256, as the `seed` profile pretrains:
+
+- `pipeline`: `tasks.pretrain.run`, exactly as the stage runs (its callbacks, its history, its compile settings);
+- `bare`: `keras.Model.fit` of the same network and optimizer with the same compile settings and validation
+  data, and nothing else;
+- `previous`: the settings before XLA (op determinism on, so Keras runs without XLA, one step per call).
+
+The epoch time is the median over epochs 2..N; epoch 1 also pays for compilation and is reported apart.
+
+    python bench/speed.py [--epochs 6] [--out bench/speed.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = ("previous", "bare", "pipeline")
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} (Python {platform.python_version()})"
+
+
+def measure(variant: str, epochs: int, data_dir: Path) -> dict[str, float]:
+    """Train in this process and return the epoch seconds; called in a child process per variant."""
+    import keras
+    import tensorflow as tf
+
+    from tasks import models, pretrain
+    from tasks.config import load_config
+    from tasks.data import load_splits
+
+    config = load_config("seed", {"pretrain.epochs": epochs})
+    if variant == "pipeline":
+        with tempfile.TemporaryDirectory() as out:
+            pretrain.run(config.pretrain, config.data.split(), data_dir, Path(out), seed=config.seed)
+            seconds = [row["seconds"] for row in json.loads((Path(out) / pretrain.HISTORY_FILE).read_text())]
+    else:
+        keras.utils.set_random_seed(config.seed)
+        data = load_splits(data_dir, config.data.split())
+        model = models.build_autoencoder(config.pretrain, config.seed)
+        if variant == "previous":
+            tf.config.experimental.enable_op_determinism()
+            settings = dict(jit_compile=False, steps_per_execution=1)
+        else:
+            settings = dict(jit_compile=True, steps_per_execution=models.STEPS_PER_EXECUTION)
+        model.compile(optimizer=models.make_optimizer("rmsprop_tf1", config.pretrain.learning_rate),
+                      loss=models.RECONSTRUCTION_LOSS, **settings)
+        seconds = []
+
+        class Timer(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                self.started = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                seconds.append(time.perf_counter() - self.started)
+
+        # The same work as the stage: the held-out images' loss after every epoch, for its history.
+        model.fit(data.x_train, data.x_train, batch_size=config.pretrain.batch_size, epochs=epochs, shuffle=True,
+                  validation_data=(data.x_val, data.x_val), callbacks=[Timer()], verbose=0)
+    return {"first_epoch_s": seconds[0], "epoch_s": statistics.median(seconds[1:])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=2, help="each variant this many times, interleaved")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "speed.md")
+    parser.add_argument("--child", nargs=2, metavar=("VARIANT", "DATA_DIR"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child[0], args.epochs, Path(args.child[1]))))
+        return
+
+    from tasks import download
+    from tasks.config import load_config
+
+    results: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
+    with tempfile.TemporaryDirectory() as data_dir:
+        download.run(load_config("seed").data, Path(data_dir))
+        for _ in range(args.rounds):
+            for variant in VARIANTS:
+                out = subprocess.run([sys.executable, __file__, "--epochs", str(args.epochs), "--child", variant,
+                                      data_dir], check=True, capture_output=True, text=True, cwd=ROOT).stdout
+                results[variant].append(json.loads(out.strip().splitlines()[-1]))
+                print(variant, results[variant][-1], flush=True)
+
+    best = {v: min(r["epoch_s"] for r in runs) for v, runs in results.items()}
+    lines = [f"# Pretraining epoch of the seed network ({datetime.now(UTC):%Y-%m-%d}, {machine()})", "",
+             f"55,000 images, batch 256, TF1 RMSProp; median of epochs 2-{args.epochs}, best of {args.rounds} "
+             "interleaved rounds; epoch 1 includes compilation.", "",
+             "| variant | s/epoch | epoch 1 s | vs bare fit |", "|---|---|---|---|"]
+    for variant, runs in results.items():
+        first = min(r["first_epoch_s"] for r in runs)
+        lines.append(f"| {variant} | {best[variant]:.3f} | {first:.2f} | {best[variant] / best['bare']:.2f}x |")
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
