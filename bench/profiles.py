@@ -1,7 +1,9 @@
 """Run the `seed` and `default` profiles on full MNIST in one invocation and write the claim table with timings.
 
-Each profile runs through the real flow into a fresh store, so every stage is computed; `default` is
-reported against `seed` as ratios, since both ran on the same machine in the same invocation.
+Each profile runs through the real flow into a fresh store in a fresh process, as `mnist-ae run` would: the
+whole-run time counts from the process start (imports and Prefect's start-up included), and the peak memory is
+the process's largest resident set. `default` is reported against `seed` as ratios, since both ran on the same
+machine in the same invocation. The table ends with `bench/speed.py`'s epoch times from the same invocation.
 
     python bench/profiles.py [--profiles seed,default] [--out bench/results.md]
 """
@@ -12,6 +14,9 @@ import argparse
 import json
 import os
 import platform
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -21,18 +26,27 @@ from flows.pipeline import pipeline
 from tasks.config import load_config
 
 MODELS = ("softmax", "ann", "pretrained", "probe")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def epoch_speed() -> str:
+    """bench/speed.py's table: seconds per pretraining epoch, the stage against a bare fit, in this invocation."""
+    with tempfile.NamedTemporaryFile(suffix=".md") as out:
+        subprocess.run([sys.executable, str(ROOT / "bench" / "speed.py"), "--out", out.name], check=True, cwd=ROOT,
+                       stdout=subprocess.DEVNULL)
+        return Path(out.name).read_text().replace("# ", "## ", 1)
 
 
 def run_profile(profile: str, store: Path) -> dict:
-    started = time.perf_counter()
+    """Run one profile in this process (a child of the benchmark) and summarise it."""
     result = pipeline(profile=profile, store=str(store))
-    wall = time.perf_counter() - started
     stages = result["stages"]
     metrics = json.loads((Path(stages["evaluate"]["path"]) / "metrics.json").read_text())
     accuracy = {m: metrics["models"][m]["accuracy"] for m in MODELS if m in metrics["models"]}
     summary = stages["report"]["summary"]
     paired = {" vs ".join(p["models"]): p["p_value"] for p in metrics.get("paired", [])}
-    return {"wall_s": wall, "stages": {s: r["duration_s"] for s, r in stages.items()}, "accuracy": accuracy,
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    return {"peak_rss_bytes": peak, "stages": {s: r["duration_s"] for s, r in stages.items()}, "accuracy": accuracy,
             "claim_held": summary.get("claim_held"), "paired_p": paired,
             "loss_vs_notebook": summary.get("pretrain_mean_rel_diff"),
             "epochs": {s: stages[s]["summary"].get("epochs_run") for s in ("pretrain", "finetune")}}
@@ -63,7 +77,10 @@ def to_markdown(results: dict[str, dict]) -> str:
               "|---|" + "---|" * len(profiles)]
     for stage in next(iter(results.values()))["stages"]:
         lines.append(f"| {stage} | " + " | ".join(f"{r['stages'].get(stage, 0):.1f}" for r in results.values()) + " |")
-    lines.append("| whole run | " + " | ".join(f"{r['wall_s']:.1f}" for r in results.values()) + " |")
+    lines.append("| whole run, from process start | " + " | ".join(f"{r['wall_s']:.1f}" for r in results.values())
+                 + " |")
+    lines.append("| peak memory (RSS of the run's process), GB | "
+                 + " | ".join(f"{r['peak_rss_bytes'] / 1e9:.2f}" for r in results.values()) + " |")
     if "seed" in results and len(results) > 1:
         base = results["seed"]["wall_s"]
         lines += ["", "Whole-run time relative to `seed` (same invocation): "
@@ -75,16 +92,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profiles", default="seed,default")
     parser.add_argument("--out", default="bench/results.md")
+    parser.add_argument("--child", nargs=2, metavar=("PROFILE", "STORE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_profile(args.child[0], Path(args.child[1]))))
+        return
     profiles = args.profiles.split(",")
     if without := [p for p in profiles if "evaluate" not in load_config(p).stages]:
         parser.error(f"profiles without an evaluate stage cannot be compared: {', '.join(without)}")
     results = {}
     for profile in profiles:
         with tempfile.TemporaryDirectory(prefix=f"bench-{profile}-") as store:
-            results[profile] = run_profile(profile, Path(store))
+            started = time.perf_counter()
+            out = subprocess.run([sys.executable, __file__, "--child", profile, store], check=True, text=True,
+                                 stdout=subprocess.PIPE, cwd=ROOT).stdout
+            results[profile] = {"wall_s": time.perf_counter() - started, **json.loads(out.strip().splitlines()[-1])}
         print(json.dumps({profile: results[profile]}, indent=2))
-    Path(args.out).write_text(to_markdown(results))
+    Path(args.out).write_text(to_markdown(results) + "\n" + epoch_speed())
     print(f"wrote {args.out}")
 
 

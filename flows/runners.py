@@ -22,7 +22,7 @@ def task_runner(runner: Runner, dask_address: str | None = None) -> TaskRunner[A
     `sequential` runs one stage at a time in the flow's own process (the reference). `dask` runs independent
     stages side by side: on the cluster at `dask_address` (or $MNIST_AE_DASK_ADDRESS), else on a temporary
     LocalCluster with one single-threaded worker process per core. Worker processes, not threads, because
-    Keras's seeding is process-wide.
+    Keras's seeding and TensorFlow's op determinism are process-wide.
     """
     if runner == "sequential":
         return ThreadPoolTaskRunner(max_workers=1)

@@ -10,13 +10,12 @@ from tasks.config import BaselinesConfig, SplitSpec
 from tasks.contract import Contract
 from tasks.data import load_splits
 from tasks.models import (
-    CLASSIFICATION_LOSS,
     MODEL_FILES,
     TENSORBOARD_DIR,
+    TRAINING_CODE,
     Progress,
     build_ann,
     build_softmax_regression,
-    compile_model,
     fit,
     seed_everything,
     write_history,
@@ -49,8 +48,7 @@ def run(cfg: BaselinesConfig, split: SplitSpec, data_dir: Path, out: Path,
     summary: dict[str, Any] = {"train_size": len(data.x_train), "val_size": len(data.x_val),
                                "hidden": list(hidden), "activation": activation, "init": cfg.init}
     for index, (name, (model, model_file, history_file)) in enumerate(models.items()):
-        compile_model(model, cfg, CLASSIFICATION_LOSS)
-        rows, summary[name] = fit(model, data.x_train, data.y_train, validation, cfg, progress,
+        rows, summary[name] = fit(model, data.x_train, data.y_train, validation, cfg, progress, seed=seed,
                                   tensorboard=out / TENSORBOARD_DIR, name=name, part=(index, len(models)))
         model.save(out / model_file)
         write_history(rows, out / history_file)
@@ -64,5 +62,5 @@ def run(cfg: BaselinesConfig, split: SplitSpec, data_dir: Path, out: Path,
 CONTRACT = Contract(stage="baselines", run=run, section="baselines", shared=("split", "seed", "hidden", "activation"),
                     reads={"data_dir": "download"}, after=("validate",),
                     writes=(SOFTMAX_FILE, ANN_FILE, SOFTMAX_HISTORY_FILE, ANN_HISTORY_FILE),
-                    code=(__name__, "tasks.models", "tasks.data"), progress=True)
+                    code=(__name__, *TRAINING_CODE), progress=True)
 

@@ -10,12 +10,11 @@ from tasks.config import FinetuneConfig, SplitSpec
 from tasks.contract import Contract
 from tasks.data import Splits, load_splits
 from tasks.models import (
-    CLASSIFICATION_LOSS,
     MODEL_FILES,
     TENSORBOARD_DIR,
+    TRAINING_CODE,
     Progress,
     build_classifier,
-    compile_model,
     extract_encoder,
     fit,
     load_autoencoder,
@@ -43,29 +42,28 @@ def run(cfg: FinetuneConfig, split: SplitSpec, data_dir: Path, pretrain_dir: Pat
     data = load_splits(data_dir, split)
     autoencoder = load_autoencoder(pretrain_dir)
     models = 2 if cfg.linear_probe else 1
-    summary = _train(cfg, data, autoencoder, cfg.freeze_encoder, out, "pretrained", progress, (0, models))
+    summary = _train(cfg, data, autoencoder, cfg.freeze_encoder, out, "pretrained", progress, (0, models), seed)
     summary.update(train_size=len(data.x_train), val_size=len(data.x_val), freeze_encoder=cfg.freeze_encoder)
     if cfg.linear_probe:
-        summary["probe"] = _train(cfg, data, autoencoder, True, out, "probe", progress, (1, models))
+        summary["probe"] = _train(cfg, data, autoencoder, True, out, "probe", progress, (1, models), seed)
     log.info("fine-tuning done: %s", summary)
     return summary
 
 
 CONTRACT = Contract(stage="finetune", run=run, section="finetune", shared=("split", "seed"),
                     reads={"data_dir": "download", "pretrain_dir": "pretrain"}, writes=(MODEL_FILE, HISTORY_FILE),
-                    code=(__name__, "tasks.models", "tasks.data"), progress=True)
+                    code=(__name__, *TRAINING_CODE), progress=True)
 
 
 FILES = {"pretrained": (MODEL_FILE, HISTORY_FILE), "probe": (PROBE_FILE, PROBE_HISTORY_FILE)}
 
 
 def _train(cfg: FinetuneConfig, data: Splits, autoencoder: Any, freeze: bool, out: Path, name: str,
-           progress: Progress | None, part: tuple[int, int]) -> dict[str, Any]:
+           progress: Progress | None, part: tuple[int, int], seed: int) -> dict[str, Any]:
     """Build one classifier on a fresh copy of the encoder, train it and write its model and history."""
     model = build_classifier(extract_encoder(autoencoder), freeze=freeze)
-    compile_model(model, cfg, CLASSIFICATION_LOSS)
     validation = (data.x_val, data.y_val) if len(data.x_val) else None
-    rows, summary = fit(model, data.x_train, data.y_train, validation, cfg, progress,
+    rows, summary = fit(model, data.x_train, data.y_train, validation, cfg, progress, seed=seed,
                         tensorboard=out / TENSORBOARD_DIR, name=name, part=part)
     model_file, history_file = FILES[name]
     model.save(out / model_file)

@@ -18,6 +18,7 @@ import numpy as np
 from keras import layers, ops
 
 from tasks.config import BaselinesConfig, FinetuneConfig, PretrainConfig, TrainConfig
+from tasks.inputs import steps_per_epoch, training_batches
 from tasks.store import verified_file
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,9 @@ NUM_CLASSES = 10
 RECONSTRUCTION_LOSS = "mean_squared_error"
 # Training steps per compiled call: fewer round trips from Python per epoch, the same updates (bench/speed.py).
 STEPS_PER_EXECUTION = 32
+# The modules whose code every training stage's result depends on (part of their artifacts' keys).
+TRAINING_CODE = ("tasks.models", "tasks.inputs", "tasks.data")
+EVALUATION_BATCH = 2048  # images per step when only predicting (validation, evaluation): fewer, larger matmuls
 CLASSIFICATION_LOSS = "sparse_categorical_crossentropy"
 
 
@@ -126,9 +130,10 @@ class LastBatchLoss(keras.metrics.Metric):
         return {"loss": self.loss, "name": self.name, "dtype": self.dtype}
 
 
-def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:
+def make_optimizer(name: str, learning_rate: float | keras.optimizers.schedules.LearningRateSchedule
+                   ) -> keras.optimizers.Optimizer:
     """A fresh optimizer by its config name ("sgd" is plain gradient descent, as TF1's GradientDescentOptimizer)."""
-    factories: dict[str, Callable[[float], keras.optimizers.Optimizer]] = {
+    factories: dict[str, Callable[[Any], keras.optimizers.Optimizer]] = {
         "rmsprop_tf1": lambda lr: TF1RMSprop(learning_rate=lr),
         "rmsprop": lambda lr: keras.optimizers.RMSprop(learning_rate=lr),
         "adam": lambda lr: keras.optimizers.Adam(learning_rate=lr),
@@ -262,23 +267,34 @@ def build_ann(hidden: tuple[int, ...], activation: str, init: str, seed: int = 0
     return keras.Model(inputs, _head()(x), name="ann")
 
 
-def compile_model(model: keras.Model, cfg: TrainConfig, loss: str) -> None:
-    """Compile with the configured optimizer, the last-batch loss metric and, for classifiers, accuracy."""
+def compile_model(model: keras.Model, cfg: TrainConfig, loss: str, steps: int = 1) -> None:
+    """Compile with the configured optimizer and schedule, the last-batch loss metric and, for classifiers, accuracy.
+
+    `steps` is the number of optimizer steps the training plans (`cfg.epochs` passes), which a schedule spans.
+    """
     metrics: list[keras.metrics.Metric] = [LastBatchLoss(loss)]
     if loss == CLASSIFICATION_LOSS:
         metrics.append(keras.metrics.SparseCategoricalAccuracy(name="accuracy"))
-    # XLA suits these dense nets: none holds a random op, which makes XLA slow on CPU (see bench/speed.py).
-    model.compile(optimizer=make_optimizer(cfg.optimizer, cfg.learning_rate), loss=loss, metrics=metrics,
-                  jit_compile=True, steps_per_execution=STEPS_PER_EXECUTION)
+    rate: float | keras.optimizers.schedules.LearningRateSchedule = cfg.learning_rate
+    if cfg.schedule == "cosine":
+        rate = keras.optimizers.schedules.CosineDecay(cfg.learning_rate, decay_steps=max(1, steps))
+    # No XLA: on two CPU cores it saved about 10 % per epoch but cost 2.5-3 s of compilation per model, more
+    # than a 10-20-epoch training gains (bench/speed.py); Keras turns it off under op determinism anyway.
+    model.compile(optimizer=make_optimizer(cfg.optimizer, rate), loss=loss, metrics=metrics, jit_compile=False,
+                  steps_per_execution=STEPS_PER_EXECUTION)
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and TensorFlow before a stage trains; seeding per stage lets a stage re-run alone.
+    """Seed Python, NumPy and TensorFlow and make TensorFlow's ops deterministic, before a stage trains.
 
-    TensorFlow's op-determinism switch is left off: Keras turns XLA off under it, and on CPU the XLA-compiled
-    training steps are reproducible without it (the forced re-run and cross-runner tests check exact equality).
+    Seeding per stage (not once per run) is what makes a stage re-run alone reproduce itself; the trainings
+    themselves draw only from explicit seeds (initializers, `tasks.inputs`). Op determinism is process-wide
+    and irreversible; TensorFlow raises an error rather than run an op without a deterministic kernel.
     """
+    import tensorflow as tf
+
     keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
 
 
 class _EpochLog(keras.callbacks.Callback):
@@ -336,16 +352,21 @@ def _maybe_float(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def fit(model: keras.Model, x: np.ndarray, y: np.ndarray, validation: tuple[np.ndarray, np.ndarray] | None,
-        cfg: TrainConfig, progress: Progress | None = None, *, tensorboard: Path | None = None,
+def fit(model: keras.Model, x: np.ndarray, y: np.ndarray | None, validation: tuple[np.ndarray, np.ndarray] | None,
+        cfg: TrainConfig, progress: Progress | None = None, *, seed: int = 0, tensorboard: Path | None = None,
         name: str | None = None, part: tuple[int, int] = (0, 1)) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Train a compiled model; return its per-epoch history rows and a summary of the run.
+    """Compile and train a model; return its per-epoch history rows and a summary of the run.
 
-    `name` (default: the model's) names the model in log lines, progress and TensorBoard runs. With
-    `tensorboard`, Keras writes the epoch scalars as TensorBoard event files into `<tensorboard>/<name>/`.
-    `part` is (this model's index, models the stage trains), so progress reports the stage's share done.
+    `y=None` trains an autoencoder to reconstruct `x`. The batches come from `tasks.inputs` (a new order every
+    epoch, the config's noise and shifts), all drawn from `seed`. `name` (default: the model's) names the model in
+    log lines, progress and TensorBoard runs. With `tensorboard`, Keras writes the epoch scalars as TensorBoard
+    event files into `<tensorboard>/<name>/`. `part` is (this model's index, models the stage trains), so progress
+    reports the stage's share done.
     """
     name = name or model.name
+    steps = steps_per_epoch(len(x), cfg.batch_size)
+    compile_model(model, cfg, RECONSTRUCTION_LOSS if y is None else CLASSIFICATION_LOSS, steps * cfg.epochs)
+    batches = training_batches(x, y, cfg.batch_size, seed, noise=getattr(cfg, "noise", 0.0), shift=cfg.shift)
     epoch_log = _EpochLog(cfg.epochs, progress, name, cfg, part)
     callbacks: list[keras.callbacks.Callback] = [epoch_log]
     if cfg.early_stopping_patience is not None:
@@ -359,8 +380,8 @@ def fit(model: keras.Model, x: np.ndarray, y: np.ndarray, validation: tuple[np.n
                                                      write_graph=False, profile_batch=0, update_freq="epoch"))
     started = time.perf_counter()
     try:
-        model.fit(x, y, batch_size=cfg.batch_size, epochs=cfg.epochs, validation_data=validation, shuffle=True,
-                  callbacks=callbacks, verbose=0)
+        model.fit(batches, epochs=cfg.epochs, steps_per_epoch=steps, validation_data=validation,
+                  validation_batch_size=EVALUATION_BATCH, shuffle=False, callbacks=callbacks, verbose=0)
     except TrainingDiverged:
         if tensorboard is not None:  # curves of a diverged training are no partial output worth keeping
             shutil.rmtree(tensorboard / name, ignore_errors=True)

@@ -15,11 +15,10 @@ from tasks.contract import Contract
 from tasks.data import load_splits
 from tasks.models import (
     AUTOENCODER_FILE,
-    RECONSTRUCTION_LOSS,
     TENSORBOARD_DIR,
+    TRAINING_CODE,
     Progress,
     build_autoencoder,
-    compile_model,
     fit,
     seed_everything,
     write_history,
@@ -45,8 +44,7 @@ def run(cfg: PretrainConfig, split: SplitSpec, data_dir: Path, out: Path,
     data = load_splits(data_dir, split)
     validation = (data.x_val, data.x_val) if len(data.x_val) else None
     model = build_autoencoder(cfg, seed)
-    compile_model(model, cfg, RECONSTRUCTION_LOSS)
-    rows, summary = fit(model, data.x_train, data.x_train, validation, cfg, progress,
+    rows, summary = fit(model, data.x_train, None, validation, cfg, progress, seed=seed,
                         tensorboard=out / TENSORBOARD_DIR)
 
     model.save(out / AUTOENCODER_FILE)
@@ -70,7 +68,7 @@ def run(cfg: PretrainConfig, split: SplitSpec, data_dir: Path, out: Path,
 # Pretraining sees the training images only after they passed validation; it never reads their labels.
 CONTRACT = Contract(stage="pretrain", run=run, section="pretrain", shared=("split", "seed"),
                     reads={"data_dir": "download"}, after=("validate",),
-                    writes=(AUTOENCODER_FILE, HISTORY_FILE, FIGURE_FILE), code=(__name__, "tasks.models", "tasks.data"),
+                    writes=(AUTOENCODER_FILE, HISTORY_FILE, FIGURE_FILE), code=(__name__, *TRAINING_CODE),
                     progress=True)
 
 

@@ -24,12 +24,11 @@ from tasks.contract import Contract
 from tasks.data import load_splits
 from tasks.evaluate import as_probabilities, check_finite
 from tasks.models import (
-    CLASSIFICATION_LOSS,
     NUM_CLASSES,
+    TRAINING_CODE,
     build_ann,
     build_classifier,
     build_softmax_regression,
-    compile_model,
     extract_encoder,
     fit,
     load_autoencoder,
@@ -148,8 +147,7 @@ def train(cell: Cell, x: np.ndarray, y: np.ndarray, hidden: tuple[int, ...], act
     plan = schedule(cell)
     cfg = TrainConfig(optimizer=cell.optimizer, learning_rate=cell.learning_rate, epochs=plan.passes,
                       batch_size=plan.batch_size)
-    compile_model(model, cfg, CLASSIFICATION_LOSS)
-    rows, _ = fit(model, np.tile(x, (plan.repeats, 1)), np.tile(y, plan.repeats), None, cfg)
+    rows, _ = fit(model, np.tile(x, (plan.repeats, 1)), np.tile(y, plan.repeats), None, cfg, seed=cell.seed)
     return model, rows, plan
 
 
@@ -195,7 +193,7 @@ def run(cfg: Cell, split: SplitSpec, hidden: tuple[int, ...], activation: str, d
 CONTRACT = Contract(stage=STAGE, run=run, section="study", shared=("split", "hidden", "activation"),
                     reads={"data_dir": "download", "pretrain_dir": "pretrain"}, after=("validate",),
                     writes=(MODEL_FILE, HISTORY_FILE, PREDICTIONS_FILE, RESULT_FILE),
-                    code=(__name__, "tasks.models", "tasks.data"))
+                    code=(__name__, *TRAINING_CODE))
 
 
 def load_predictions(cell_dir: str | Path) -> np.ndarray:

@@ -69,11 +69,12 @@ def test_unknown_profile_and_malformed_override():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["data.validation_size=0"], "pretrain.early_stopping_patience needs a validation split"),
+        (["data.validation_size=0", "pretrain.early_stopping_patience=3"],
+         "pretrain.early_stopping_patience needs a validation split"),
         (["data.validation_size=60000"], "data.validation_size must leave training images"),
     ],
 )
 def test_inconsistent_values_fail_before_any_work(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config("default", overrides)
-    load_config("seed", ["data.validation_size=0"])  # no early stopping there, so no validation split needed
+    load_config("default", ["data.validation_size=0"])  # no early stopping there, so no validation split needed

@@ -15,7 +15,6 @@ from tasks.models import (
     build_autoencoder,
     build_classifier,
     build_softmax_regression,
-    compile_model,
     extract_encoder,
     fit,
     make_optimizer,
@@ -170,7 +169,6 @@ def test_fit_records_last_batch_and_mean_losses():
     keras.utils.set_random_seed(3)
     model = build_softmax_regression()
     cfg = TrainConfig(optimizer="sgd", learning_rate=0.5, epochs=2, batch_size=32)
-    compile_model(model, cfg, "sparse_categorical_crossentropy")
     rng = np.random.default_rng(0)
     x, y = rng.random((96, 784), dtype=np.float32), rng.integers(0, 10, 96)
     seen = []
@@ -191,7 +189,6 @@ def test_tensorboard_files_leave_training_unchanged(tmp_path):
     for logdir in (None, tmp_path):
         keras.utils.set_random_seed(3)
         model = build_ann((16,), "relu", "glorot_uniform", seed=3)
-        compile_model(model, cfg, "sparse_categorical_crossentropy")
         rows, _ = fit(model, x, y, (x[:32], y[:32]), cfg, tensorboard=logdir, name="ann")
         results.append((model.get_weights(), [{k: v for k, v in r.items() if k != "seconds"} for r in rows]))
     for a, b in zip(results[0][0], results[1][0], strict=True):
@@ -203,7 +200,6 @@ def test_tensorboard_files_leave_training_unchanged(tmp_path):
 def test_early_stopping_without_validation_is_rejected():
     model = build_softmax_regression()
     cfg = TrainConfig(optimizer="sgd", learning_rate=0.5, epochs=2, early_stopping_patience=1)
-    compile_model(model, cfg, "sparse_categorical_crossentropy")
     with pytest.raises(ValueError, match="validation"):
         fit(model, np.zeros((4, 784), np.float32), np.zeros(4, np.int64), None, cfg)
 
@@ -213,11 +209,10 @@ def test_a_diverging_training_stops_naming_the_setting(mnist):
     keras.utils.set_random_seed(0)
     cfg = load_config("quick", {"pretrain.learning_rate": 1e9}).pretrain
     model = build_autoencoder(cfg)
-    compile_model(model, cfg, "mean_squared_error")
     x = mnist.x_train[:3500].reshape(-1, 784).astype(np.float32) / 255
     seen = []
     with pytest.raises(TrainingDiverged) as info:
-        fit(model, x[500:], x[500:], (x[:500], x[:500]), cfg, lambda e: seen.append(e.logs))
+        fit(model, x[500:], None, (x[:500], x[:500]), cfg, lambda e: seen.append(e.logs))
     assert str(info.value) == ("pretrain: training of autoencoder diverged: the loss became nan in epoch 1; "
                                "nothing was cached. Lower pretrain.learning_rate (now 1e+09) and run again")
     assert len(seen) == 1 and np.isnan(seen[0]["loss_mean"])  # stopped after the first epoch, not at the end
