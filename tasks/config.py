@@ -271,8 +271,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     "default": dict(
         pretrain=dict(_MODERN, batch_size=256, epochs=10, noise=0.4, hidden=(128, 64), activation="relu",
                       init="glorot_uniform"),
-        finetune=dict(_MODERN, epochs=15, shift=1, linear_probe=True),
-        baselines=dict(_MODERN, epochs=15, shift=1, init="glorot_uniform"),
+        finetune=dict(_MODERN, batch_size=256, learning_rate=2e-3, epochs=15, shift=1, linear_probe=True),
+        baselines=dict(_MODERN, batch_size=256, learning_rate=2e-3, epochs=15, shift=1, init="glorot_uniform"),
     ),
     # Seconds on two CPU cores: smoke runs and tests.
     "quick": dict(
