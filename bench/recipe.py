@@ -36,7 +36,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "pretrain.noise": 0.0, "pretrain.batch_size": 128, "pretrain.epochs": 30, "pretrain.schedule": "constant",
         "pretrain.early_stopping_patience": 3,
         **{f"{s}.{k}": v for s in ("finetune", "baselines") for k, v in
-           {"shift": 0, "schedule": "constant", "epochs": 30, "early_stopping_patience": 3}.items()},
+           {"shift": 0, "schedule": "constant", "epochs": 30, "early_stopping_patience": 3, "batch_size": 128,
+            "learning_rate": 1e-3}.items()},
     },
     "no denoising": {"pretrain.noise": 0.0},
     "no shifts": {"finetune.shift": 0, "baselines.shift": 0},

@@ -133,15 +133,15 @@ class LastBatchLoss(keras.metrics.Metric):
 def make_optimizer(name: str, learning_rate: float | keras.optimizers.schedules.LearningRateSchedule
                    ) -> keras.optimizers.Optimizer:
     """A fresh optimizer by its config name ("sgd" is plain gradient descent, as TF1's GradientDescentOptimizer)."""
-    factories: dict[str, Callable[[Any], keras.optimizers.Optimizer]] = {
-        "rmsprop_tf1": lambda lr: TF1RMSprop(learning_rate=lr),
-        "rmsprop": lambda lr: keras.optimizers.RMSprop(learning_rate=lr),
-        "adam": lambda lr: keras.optimizers.Adam(learning_rate=lr),
-        "sgd": lambda lr: keras.optimizers.SGD(learning_rate=lr),
+    factories: dict[str, Callable[..., keras.optimizers.Optimizer]] = {
+        "rmsprop_tf1": TF1RMSprop, "rmsprop": keras.optimizers.RMSprop, "adam": keras.optimizers.Adam,
+        "sgd": keras.optimizers.SGD,
     }
     if name not in factories:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(factories)}")
-    return factories[name](learning_rate)
+    # A fixed name: Keras would otherwise number optimizers per process ("adam_1"), and that name is saved in
+    # the model file, so the same training would write different bytes depending on what the process ran before.
+    return factories[name](learning_rate=learning_rate, name=name)
 
 
 def _initializers(init: str, seeds: random.Random) -> tuple[keras.initializers.Initializer,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zipfile
+
 import keras
 import numpy as np
 import pytest
@@ -216,3 +218,17 @@ def test_a_diverging_training_stops_naming_the_setting(mnist):
     assert str(info.value) == ("pretrain: training of autoencoder diverged: the loss became nan in epoch 1; "
                                "nothing was cached. Lower pretrain.learning_rate (now 1e+09) and run again")
     assert len(seen) == 1 and np.isnan(seen[0]["loss_mean"])  # stopped after the first epoch, not at the end
+
+
+def test_the_same_training_twice_in_one_process_writes_the_same_bytes(tmp_path):
+    """Nothing in a model file depends on what the process trained before (Keras numbers unnamed optimizers)."""
+    rng = np.random.default_rng(0)
+    x, y = rng.random((64, 784), dtype=np.float32), rng.integers(0, 10, 64)
+    cfg = TrainConfig(optimizer="adam", learning_rate=0.01, epochs=1, batch_size=32)
+    files = []
+    for i in range(2):
+        model = build_ann((8,), "relu", "glorot_uniform", seed=1)
+        fit(model, x, y, None, cfg, seed=1)
+        model.save(tmp_path / f"{i}.keras")
+        files.append(zipfile.ZipFile(tmp_path / f"{i}.keras").read("model.weights.h5"))
+    assert files[0] == files[1]
