@@ -42,8 +42,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no denoising": {"pretrain.noise": 0.0},
     "no shifts": {"finetune.shift": 0, "baselines.shift": 0},
     "constant learning rate": {f"{s}.schedule": "constant" for s in ("pretrain", "finetune", "baselines")},
-    "classifiers at batch 128, Adam 1e-3": {f"{s}.{k}": v for s in ("finetune", "baselines")
-                                            for k, v in {"batch_size": 128, "learning_rate": 1e-3}.items()},
+    "classifiers at batch 128 and Adam 1e-3": {f"{s}.{k}": v for s in ("finetune", "baselines")
+                                               for k, v in {"batch_size": 128, "learning_rate": 1e-3}.items()},
 }
 
 
