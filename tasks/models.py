@@ -69,7 +69,7 @@ RECONSTRUCTION_LOSS = "mean_squared_error"
 STEPS_PER_EXECUTION = 32
 # The modules whose code every training stage's result depends on (part of their artifacts' keys).
 TRAINING_CODE = ("tasks.models", "tasks.inputs", "tasks.data")
-EVALUATION_BATCH = 2048  # images per step when only predicting (validation, evaluation): fewer, larger matmuls
+EVALUATION_BATCH = 2048  # images per step of the validation pass after each epoch: fewer, larger matmuls
 CLASSIFICATION_LOSS = "sparse_categorical_crossentropy"
 
 
