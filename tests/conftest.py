@@ -47,6 +47,22 @@ def _isolated(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("MNIST_AE_CACHE", str(tmp_path_factory.mktemp("store-cache")))
 
 
+@pytest.fixture(scope="module")
+def prefect_api() -> Iterator[str]:
+    """One temporary Prefect server for every flow run of a test module (as a team's workers share one); its URL."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield str(PREFECT_API_URL.value())
+
+
+@pytest.fixture
+def mirror_env(monkeypatch, mnist_mirror) -> None:
+    """Flows run in the test read MNIST from the local mirror."""
+    monkeypatch.setenv("MNIST_MIRROR", str(mnist_mirror))
+
+
 @pytest.fixture
 def store_root(tmp_path) -> Path:
     return tmp_path / "store"

@@ -24,7 +24,6 @@ from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterId,
 )
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.cli import main as cli
 from flows.pipeline import pipeline
@@ -39,20 +38,12 @@ from tasks.store import Store
 ALL = ["download", "validate", "pretrain", "finetune", "baselines", "evaluate", "report"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+pytestmark = pytest.mark.usefixtures("prefect_api", "mirror_env")  # one Prefect API per module
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("pipeline") / "store"
-
-
-@pytest.fixture(autouse=True)
-def _mirror(monkeypatch, mnist_mirror):
-    monkeypatch.setenv("MNIST_MIRROR", str(mnist_mirror))
 
 
 def run(store: Path, profile: str = "quick", **params) -> dict:

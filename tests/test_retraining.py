@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.cli import main as cli
 from flows.pipeline import pipeline
@@ -28,15 +27,7 @@ ALL = ["download", "validate", "pretrain", "finetune", "baselines", "evaluate", 
 CLEAN = slice(55000, 56000)  # far beyond the quick profile's 500 held-out and 3,000 training images
 
 
-@pytest.fixture(scope="module", autouse=True)
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(autouse=True)
-def _mirror(monkeypatch, mnist_mirror):
-    monkeypatch.setenv("MNIST_MIRROR", str(mnist_mirror))
+pytestmark = pytest.mark.usefixtures("prefect_api", "mirror_env")  # one Prefect API per module
 
 
 @pytest.fixture(scope="module")

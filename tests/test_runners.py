@@ -17,7 +17,6 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import TaskRun
 from prefect.settings import PREFECT_API_URL
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import pipeline
 from tasks.config import load_config
@@ -26,15 +25,7 @@ DASK = Path(sys.executable).with_name("dask")
 STAGES = list(load_config("quick").stages)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(autouse=True)
-def _mirror(monkeypatch, mnist_mirror):
-    monkeypatch.setenv("MNIST_MIRROR", str(mnist_mirror))
+pytestmark = pytest.mark.usefixtures("prefect_api", "mirror_env")  # one Prefect API per module
 
 
 def run(store: Path, runner: str, **params) -> dict:

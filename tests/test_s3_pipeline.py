@@ -14,13 +14,10 @@ import subprocess
 import sys
 import uuid
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from PIL import Image
-from prefect.settings import PREFECT_API_URL
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.cli import main as cli
 from flows.pipeline import pipeline
@@ -37,13 +34,6 @@ DAMAGED = "report"  # the stage whose object is damaged before the second run (c
 # date_saved and object ids in .keras files, seconds per epoch in histories, Great Expectations' run times
 # (also in the names of its Data Docs pages), TensorBoard's event files (time, host and process in their names).
 CLOCKED = re.compile(r"\.keras$|history\.json$|^data_docs/|^validation\.json$|^tensorboard/")
-
-
-@pytest.fixture(scope="module")
-def prefect_api() -> Iterator[str]:
-    """One Prefect server for every run of this module, as a team's workers share one."""
-    with prefect_test_harness(server_startup_timeout=120):
-        yield str(PREFECT_API_URL.value())
 
 
 def _start(store: str, cache: Path, mnist_mirror: Path, api: str) -> subprocess.Popen[str]:

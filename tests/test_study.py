@@ -9,7 +9,6 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 from tasks import pretrain, study, study_report
 from tasks.config import ConfigError, check_study, load_config
@@ -143,12 +142,6 @@ def test_verdicts_say_whether_pretraining_helped_and_how_sure(tmp_path):
 
 GRID = {"data.train_size": 600, "data.test_size": 500, "pretrain.epochs": 1, "study.budgets": [20, 600],
         "study.seeds": 1, "study.min_steps": 20, "study.epochs": 1}
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 @pytest.fixture(scope="module")
