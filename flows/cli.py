@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import get_args
 
 from flows.runners import DASK_ADDRESS_ENV, RUNNERS
+from flows.server import start_temporary_server
 from tasks.config import (
     PROFILES,
     STAGES,
@@ -26,17 +27,24 @@ from tasks.config import (
     load_config,
     parse_overrides,
 )
-from tasks.graph import MissingUpstream
 from tasks.history import HistoryError
 from tasks.idx import DataError
-from tasks.models import ModelError, TrainingDiverged
 from tasks.registry import Registry, RegistryError
 from tasks.store import ArtifactError, Store, StoreError
-from tasks.validate import ValidationFailed
 
-# Errors whose message tells the user what is wrong and where; anything else is a bug and keeps its traceback.
-USER_ERRORS = (RegistryError, MissingUpstream, DataError, ValidationFailed, FileNotFoundError, StoreError,
-               ArtifactError, HistoryError, ModelError, TrainingDiverged)
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message tells the user what is wrong and where; anything else is a bug and keeps its traceback.
+
+    Imported when needed: the stage modules import Keras and Great Expectations, which `run` and `study` import
+    only once Prefect's temporary server is starting (`flows.server`).
+    """
+    from tasks.graph import MissingUpstream
+    from tasks.models import ModelError, TrainingDiverged
+    from tasks.validate import ValidationFailed
+
+    return (RegistryError, MissingUpstream, DataError, ValidationFailed, FileNotFoundError, StoreError,
+            ArtifactError, HistoryError, ModelError, TrainingDiverged)
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -119,7 +127,10 @@ def _run(args: argparse.Namespace) -> int:
     check_stages(config, args.only, args.force)  # fail on a bad value before any work
     Store(config.store).check_writable()  # before Prefect starts its server
     Registry(config.store, config.data.dataset).champion()  # an unreadable registry would fail only after training
+    server_ready = start_temporary_server()
     from flows.pipeline import pipeline
+
+    server_ready()
 
     result = pipeline(profile=args.profile, overrides=parse_overrides(args.overrides), stages=args.only or None,
                       force=args.force or None, store=args.store, runner=args.runner,
@@ -140,7 +151,10 @@ def _study(args: argparse.Namespace) -> int:
     config = _config(args)
     check_study(config)  # fail on a bad value before any work
     Store(config.store).check_writable()  # before Prefect starts its server
+    server_ready = start_temporary_server()
     from flows.study import label_study
+
+    server_ready()
 
     result = label_study(profile=args.profile, overrides=parse_overrides(args.overrides), store=args.store,
                          runner=args.runner, dask_address=args.dask_address)
@@ -287,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mnist-ae: {exc}", file=sys.stderr)
         return 2
-    except USER_ERRORS as exc:
+    except Exception as exc:
+        if not isinstance(exc, _user_errors()):
+            raise
         print(f"mnist-ae: {exc}", file=sys.stderr)
         for note in getattr(exc, "__notes__", []):
             print(f"mnist-ae: {note}", file=sys.stderr)

@@ -54,12 +54,20 @@ def training_batches(x: np.ndarray, y: np.ndarray | None, batch_size: int, seed:
 
 
 def shifted(flat: tf.Tensor, most: int, seed: tf.Tensor) -> tf.Tensor:
-    """Each flattened image moved by its own random (dy, dx) in [-most, most]^2; uncovered pixels are 0."""
+    """Each flattened image moved by its own random (dy, dx) in [-most, most]^2; uncovered pixels are 0.
+
+    Each image's window is picked from the 2 * most + 1 crops of the padded batch along each axis with `tf.where`:
+    the same pixels as gathering each image's window, at about two thirds of the CPU time (bench/speed.md).
+    """
     images = tf.reshape(flat, (-1, SIDE, SIDE))
     padded = tf.pad(images, [[0, 0], [most, most], [most, most]])
     offsets = tf.random.stateless_uniform((tf.shape(images)[0], 2), seed=seed, minval=0, maxval=2 * most + 1,
                                           dtype=tf.int32)
-    window = tf.range(SIDE)[None, :]
-    rows = tf.gather(padded, offsets[:, :1] + window, axis=1, batch_dims=1)
-    moved = tf.gather(rows, offsets[:, 1:] + window, axis=2, batch_dims=1)
+    dy, dx = offsets[:, 0, None, None], offsets[:, 1, None, None]
+    rows = padded[:, :SIDE, :]
+    for k in range(1, 2 * most + 1):
+        rows = tf.where(dy == k, padded[:, k:k + SIDE, :], rows)
+    moved = rows[:, :, :SIDE]
+    for k in range(1, 2 * most + 1):
+        moved = tf.where(dx == k, rows[:, :, k:k + SIDE], moved)
     return tf.reshape(moved, (-1, SIDE * SIDE))

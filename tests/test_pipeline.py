@@ -321,6 +321,8 @@ def test_two_concurrent_runs_on_one_store_both_finish(tmp_path, mnist_mirror):
              for _ in range(2)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    # The server the command line started before its imports is the one the flow used: one per process.
+    assert [o.count("Starting temporary server") for o in outputs] == [1, 1]
     for stage in ("download", "validate", "pretrain"):
         artifacts = list((store / stage).iterdir())
         assert len(artifacts) == 1
