@@ -3,9 +3,11 @@
 Each profile runs through the real flow into a fresh store in a fresh process, as `mnist-ae run` would: the
 whole-run time counts from the process start (imports and Prefect's start-up included), and the peak memory is
 the process's largest resident set. `default` is reported against `seed` as ratios, since both ran on the same
-machine in the same invocation. The table ends with `bench/speed.py`'s epoch times from the same invocation.
+machine in the same invocation. With `--reference REV`, each profile also runs as `mnist-ae run` at that git
+revision (a temporary worktree, this environment's packages) in the same invocation, so the speed-up since REV is
+a ratio measured on one machine. The table ends with `bench/speed.py`'s epoch times from the same invocation.
 
-    python bench/profiles.py [--profiles seed,default] [--out bench/results.md]
+    python bench/profiles.py [--profiles seed,default] [--reference REV] [--out bench/results.md]
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from flows.pipeline import pipeline
+from flows.server import start_temporary_server
 from tasks.config import load_config
 
 MODELS = ("softmax", "ann", "pretrained", "probe")
@@ -38,7 +40,11 @@ def epoch_speed() -> str:
 
 
 def run_profile(profile: str, store: Path) -> dict:
-    """Run one profile in this process (a child of the benchmark) and summarise it."""
+    """Run one profile in this process (a child of the benchmark), started as `mnist-ae run` is; summarise it."""
+    server_ready = start_temporary_server()
+    from flows.pipeline import pipeline
+
+    server_ready()
     result = pipeline(profile=profile, store=str(store))
     stages = result["stages"]
     metrics = json.loads((Path(stages["evaluate"]["path"]) / "metrics.json").read_text())
@@ -52,11 +58,25 @@ def run_profile(profile: str, store: Path) -> dict:
             "epochs": {s: stages[s]["summary"].get("epochs_run") for s in ("pretrain", "finetune")}}
 
 
+def reference_run(revision: str, profile: str) -> float:
+    """Seconds of `mnist-ae run --profile PROFILE` into a fresh store, with the code of git `revision`."""
+    with tempfile.TemporaryDirectory(prefix="bench-reference-") as tmp:
+        tree = Path(tmp) / "tree"
+        subprocess.run(["git", "worktree", "add", "--detach", "--quiet", str(tree), revision], cwd=ROOT, check=True)
+        try:
+            started = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "flows.cli", "run", "--profile", profile,
+                            "--store", str(Path(tmp) / "store")], cwd=tree, check=True, stdout=subprocess.DEVNULL)
+            return time.perf_counter() - started
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=True)
+
+
 def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} (Python {platform.python_version()})"
 
 
-def to_markdown(results: dict[str, dict]) -> str:
+def to_markdown(results: dict[str, dict], reference: str | None) -> str:
     profiles = list(results)
     lines = [f"# Profile benchmark ({datetime.now(UTC):%Y-%m-%d}, {machine()})", "",
              "Test accuracy on the 10,000 MNIST test images:", "",
@@ -81,6 +101,11 @@ def to_markdown(results: dict[str, dict]) -> str:
                  + " |")
     lines.append("| peak memory (RSS of the run's process), GB | "
                  + " | ".join(f"{r['peak_rss_bytes'] / 1e9:.2f}" for r in results.values()) + " |")
+    if reference:
+        lines.append(f"| whole run at `{reference}`, from process start | "
+                     + " | ".join(f"{r['reference_s']:.1f}" for r in results.values()) + " |")
+        lines.append(f"| whole run, relative to `{reference}` | "
+                     + " | ".join(f"{r['wall_s'] / r['reference_s']:.2f}x" for r in results.values()) + " |")
     if "seed" in results and len(results) > 1:
         base = results["seed"]["wall_s"]
         lines += ["", "Whole-run time relative to `seed` (same invocation): "
@@ -91,6 +116,7 @@ def to_markdown(results: dict[str, dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profiles", default="seed,default")
+    parser.add_argument("--reference", metavar="REV", help="also run each profile with the code of this git revision")
     parser.add_argument("--out", default="bench/results.md")
     parser.add_argument("--child", nargs=2, metavar=("PROFILE", "STORE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -107,8 +133,10 @@ def main() -> None:
             out = subprocess.run([sys.executable, __file__, "--child", profile, store], check=True, text=True,
                                  stdout=subprocess.PIPE, cwd=ROOT).stdout
             results[profile] = {"wall_s": time.perf_counter() - started, **json.loads(out.strip().splitlines()[-1])}
+        if args.reference:
+            results[profile]["reference_s"] = reference_run(args.reference, profile)
         print(json.dumps({profile: results[profile]}, indent=2))
-    Path(args.out).write_text(to_markdown(results) + "\n" + epoch_speed())
+    Path(args.out).write_text(to_markdown(results, args.reference) + "\n" + epoch_speed())
     print(f"wrote {args.out}")
 
 
