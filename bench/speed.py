@@ -11,7 +11,8 @@ on the 55,000 training images at batch 256, as the `seed` profile pretrains:
   no XLA).
 
 The epoch time is the median over epochs 2..N; epoch 1 also pays for tracing (and XLA's compilation) and is
-reported apart.
+reported apart. The table's heading also says how fast this machine multiplies matrices (machines of one kind
+differ: compare seconds only within one table).
 
     python bench/speed.py [--epochs 6] [--out bench/speed.md]
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -36,6 +38,36 @@ VARIANTS = ("previous", "bare", "pipeline", "xla")
 
 def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} (Python {platform.python_version()})"
+
+
+# One pretraining epoch of the seed network, GFLOP: 55,000 images x 2 per multiply-add x 3 matmuls per weight
+# (forward, two backward) x its 217,088 weights (784-128-64 and the mirrored decoder).
+EPOCH_GFLOP = 55_000 * 2 * 3 * 2 * (784 * 128 + 128 * 64) / 1e9
+
+
+def arithmetic() -> dict[str, float]:
+    """TensorFlow's float32 matmul throughput here, GFLOP/s: large square matrices and this network's first layer."""
+    import tensorflow as tf
+
+    found = {}
+    for name, (m, k, n), repeats in (("large", (4096, 4096, 4096), 5), ("layer", (256, 784, 128), 2000)):
+        a, b = tf.random.normal((m, k)), tf.random.normal((k, n))
+        tf.linalg.matmul(a, b).numpy()
+        best = math.inf
+        for _ in range(3):
+            started = time.perf_counter()
+            for _ in range(repeats):
+                c = tf.linalg.matmul(a, b)
+            c.numpy()
+            best = min(best, time.perf_counter() - started)
+        found[name] = repeats * 2 * m * k * n / best / 1e9
+    return found
+
+
+def cpu_vectors() -> str:
+    """The widest SIMD extension the CPU reports (Linux)."""
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    return next((f.upper() for f in ("avx512f", "avx2", "avx") if f in flags), "unknown")
 
 
 def measure(variant: str, epochs: int, data_dir: Path) -> dict[str, float]:
@@ -91,7 +123,9 @@ def main() -> None:
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "DATA_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child[0], args.epochs, Path(args.child[1]))))
+        child = arithmetic() if args.child[0] == "arithmetic" else measure(args.child[0], args.epochs,
+                                                                             Path(args.child[1]))
+        print(json.dumps(child))
         return
 
     from tasks import download
@@ -107,8 +141,14 @@ def main() -> None:
                 results[variant].append(json.loads(out.strip().splitlines()[-1]))
                 print(variant, results[variant][-1], flush=True)
 
+    out = subprocess.run([sys.executable, __file__, "--child", "arithmetic", "-"], check=True, capture_output=True,
+                         text=True, cwd=ROOT).stdout
+    flops = json.loads(out.strip().splitlines()[-1])
     best = {v: min(r["epoch_s"] for r in runs) for v, runs in results.items()}
     lines = [f"# Pretraining epoch of the seed network ({datetime.now(UTC):%Y-%m-%d}, {machine()})", "",
+             f"This machine's CPU ({cpu_vectors()}) multiplies float32 matrices in TensorFlow at {flops['large']:.0f} "
+             f"GFLOP/s (4096 x 4096) and {flops['layer']:.0f} GFLOP/s (256 x 784 by 784 x 128, the first layer); "
+             f"an epoch is {EPOCH_GFLOP:.0f} GFLOP, so {EPOCH_GFLOP / flops['layer']:.2f} s at the layer's rate.", "",
              f"55,000 images, batch 256, TF1 RMSProp; median of epochs 2-{args.epochs}, best of {args.rounds} "
              "interleaved rounds; epoch 1 includes tracing and compilation.", "",
              "| variant | s/epoch | epoch 1 s | vs bare fit |", "|---|---|---|---|"]
