@@ -48,9 +48,15 @@ def training_batches(x: np.ndarray, y: np.ndarray | None, batch_size: int, seed:
         return inputs, (clean if labels is None else tf.gather(labels, index))
 
     orders = tf.data.Dataset.counter().flat_map(epoch_order)
+    options = tf.data.Options()
+    # No autotuning: its model thread wakes only on its own timer, so releasing the pipeline at the end of a
+    # training waited for it, up to 20 s in a run (in TensorFlow's RootDataset iterator's destructor). The
+    # pipeline needs a fraction of a core; a fixed two batches ahead keep the training fed.
+    options.autotune.enabled = False
     return (tf.data.Dataset.zip(tf.data.Dataset.counter(), orders)
             .map(batch)
-            .prefetch(tf.data.AUTOTUNE))
+            .prefetch(2)
+            .with_options(options))
 
 
 def shifted(flat: tf.Tensor, most: int, seed: tf.Tensor) -> tf.Tensor:
