@@ -247,7 +247,9 @@ class PipelineConfig(_Section):
 
 
 _SEED_FINETUNE = dict(optimizer="sgd", learning_rate=0.5, epochs=200, batch_size=256)
-_MODERN = dict(optimizer="adam", learning_rate=1e-3, batch_size=128, schedule="cosine")
+_MODERN = dict(optimizer="adam", learning_rate=1e-3, batch_size=256, schedule="cosine")
+# The `default` classifiers: the pretrained model and both baselines train exactly the same way.
+_MODERN_CLASSIFIER = dict(_MODERN, learning_rate=2e-3, epochs=15, shift=1)
 _QUICK = dict(optimizer="adam", learning_rate=1e-3, batch_size=128, early_stopping_patience=3)
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -269,10 +271,9 @@ PROFILES: dict[str, dict[str, Any]] = {
     # What one would choose today (bench/recipe.py): a denoising ReLU autoencoder, Adam with cosine decay, a fixed
     # number of epochs, fine-tuning on images shifted by up to one pixel; the ANN is trained exactly the same way.
     "default": dict(
-        pretrain=dict(_MODERN, batch_size=256, epochs=10, noise=0.4, hidden=(128, 64), activation="relu",
-                      init="glorot_uniform"),
-        finetune=dict(_MODERN, batch_size=256, learning_rate=2e-3, epochs=15, shift=1, linear_probe=True),
-        baselines=dict(_MODERN, batch_size=256, learning_rate=2e-3, epochs=15, shift=1, init="glorot_uniform"),
+        pretrain=dict(_MODERN, epochs=10, noise=0.4, hidden=(128, 64), activation="relu", init="glorot_uniform"),
+        finetune=dict(_MODERN_CLASSIFIER, linear_probe=True),
+        baselines=dict(_MODERN_CLASSIFIER, init="glorot_uniform"),
     ),
     # Seconds on two CPU cores: smoke runs and tests.
     "quick": dict(
