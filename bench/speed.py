@@ -8,7 +8,11 @@ on the 55,000 training images at batch 256, as the `seed` profile pretrains:
   determinism on) and validation data, fed by the textbook `tf.data` pipeline (shuffle, batch, prefetch);
 - `xla`: `bare` compiled with XLA (op determinism off, since Keras turns XLA off under it);
 - `previous`: the stage before this benchmark (the arrays handed to Keras, one step per call, op determinism on,
-  no XLA).
+  no XLA);
+- `torch`, `torch-compiled` (only when PyTorch is installed, e.g. `pip install torch`): the same network, loss,
+  optimizer arithmetic (RMSProp, decay 0.9), batches and validation pass as a plain PyTorch loop, eagerly and with
+  `torch.compile`. The issue's yardstick for the epoch was the compiled PyTorch loop on its machine; these rows
+  give it on the machine at hand.
 
 The epoch time is the median over epochs 2..N; epoch 1 also pays for tracing (and XLA's compilation) and is
 reported apart. The table's heading also says how fast this machine multiplies matrices (machines of one kind
@@ -34,6 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("previous", "bare", "pipeline", "xla")
+TORCH_VARIANTS = ("torch", "torch-compiled")
 
 
 def machine() -> str:
@@ -70,8 +75,63 @@ def cpu_vectors() -> str:
     return next((f.upper() for f in ("avx512f", "avx2", "avx") if f in flags), "unknown")
 
 
+def has_torch() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
+def measure_torch(compiled: bool, epochs: int, data_dir: Path) -> list[float]:
+    """The seed pretraining as a plain PyTorch loop: same shapes, sigmoid layers, mean squared error, RMSProp."""
+    import torch
+
+    from tasks.config import load_config
+    from tasks.data import load_splits
+
+    config = load_config("seed")
+    data = load_splits(data_dir, config.data.split())
+    torch.manual_seed(config.seed)
+    widths = [784, *config.pretrain.hidden, *reversed(config.pretrain.hidden[:-1]), 784]
+    layers: list[torch.nn.Module] = []
+    for fan_in, fan_out in zip(widths, widths[1:]):
+        layers += [torch.nn.Linear(fan_in, fan_out), torch.nn.Sigmoid()]
+    model = torch.nn.Sequential(*layers)
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=config.pretrain.learning_rate, alpha=0.9)
+    loss_fn = torch.nn.MSELoss()
+
+    def step(batch: torch.Tensor) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(batch), batch)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    def validate(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return loss_fn(model(images), images)
+
+    if compiled:
+        step, validate = torch.compile(step), torch.compile(validate)
+    x, x_val = torch.from_numpy(data.x_train), torch.from_numpy(data.x_val)
+    size = config.pretrain.batch_size
+    seconds = []
+    for _ in range(epochs):
+        started = time.perf_counter()
+        order = torch.randperm(len(x))
+        whole = len(x) // size * size  # full batches only, so the compiled step keeps one shape
+        for begin in range(0, whole, size):
+            step(x[order[begin:begin + size]])
+        for begin in range(0, len(x_val), 2048):  # the held-out loss after every epoch, as the stage logs it
+            validate(x_val[begin:begin + 2048])
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
 def measure(variant: str, epochs: int, data_dir: Path) -> dict[str, float]:
     """Train in this process and return the epoch seconds; called in a child process per variant."""
+    if variant in TORCH_VARIANTS:
+        seconds = measure_torch(variant == "torch-compiled", epochs, data_dir)
+        return {"first_epoch_s": seconds[0], "epoch_s": statistics.median(seconds[1:])}
     import keras
     import tensorflow as tf
 
@@ -131,11 +191,12 @@ def main() -> None:
     from tasks import download
     from tasks.config import load_config
 
-    results: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
+    variants = VARIANTS + (TORCH_VARIANTS if has_torch() else ())
+    results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as data_dir:
         download.run(load_config("seed").data, Path(data_dir))
         for _ in range(args.rounds):
-            for variant in VARIANTS:
+            for variant in variants:
                 out = subprocess.run([sys.executable, __file__, "--epochs", str(args.epochs), "--child", variant,
                                       data_dir], check=True, capture_output=True, text=True, cwd=ROOT).stdout
                 results[variant].append(json.loads(out.strip().splitlines()[-1]))
