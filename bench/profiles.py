@@ -13,6 +13,7 @@ a ratio measured on one machine. The table ends with `bench/speed.py`'s epoch ti
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -24,7 +25,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from flows.server import start_temporary_server
+from flows.server import TemporaryServer
 from tasks.config import load_config
 
 MODELS = ("softmax", "ann", "pretrained", "probe")
@@ -41,11 +42,11 @@ def epoch_speed() -> str:
 
 def run_profile(profile: str, store: Path) -> dict:
     """Run one profile in this process (a child of the benchmark), started as `mnist-ae run` is; summarise it."""
-    server_ready = start_temporary_server()
+    server = TemporaryServer().start()
     from flows.pipeline import pipeline
 
-    server_ready()
-    result = pipeline(profile=profile, store=str(store))
+    with server.api():
+        result = pipeline(profile=profile, store=str(store))
     stages = result["stages"]
     metrics = json.loads((Path(stages["evaluate"]["path"]) / "metrics.json").read_text())
     accuracy = {m: metrics["models"][m]["accuracy"] for m in MODELS if m in metrics["models"]}
@@ -121,7 +122,8 @@ def main() -> None:
     parser.add_argument("--child", nargs=2, metavar=("PROFILE", "STORE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_profile(args.child[0], Path(args.child[1]))))
+        print(json.dumps(run_profile(args.child[0], Path(args.child[1]))), flush=True)
+        gc.freeze()  # and ends as `mnist-ae` ends (flows.cli.entry)
         return
     profiles = args.profiles.split(",")
     if without := [p for p in profiles if "evaluate" not in load_config(p).stages]:

@@ -310,7 +310,7 @@ def test_bad_config_fails_before_any_work(tmp_path, capsys):
 def test_two_concurrent_runs_on_one_store_both_finish(tmp_path, mnist_mirror):
     """Two separate processes, as two users or a schedule and a person would start them."""
     store = tmp_path / "shared-store"
-    # Each process starts its own ephemeral server; on a busy two-core machine that takes longer than the
+    # Each process starts its own temporary server; on a busy two-core machine that takes longer than the
     # default 20 s (the harness above allows 120 s for the same reason).
     env = {**os.environ, "MNIST_MIRROR": str(mnist_mirror), "MNIST_AE_OFFLINE": "1",
            "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
@@ -329,6 +329,22 @@ def test_two_concurrent_runs_on_one_store_both_finish(tmp_path, mnist_mirror):
         from tasks.store import verify
 
         assert verify(artifacts[0], artifacts[0].name) is None
+
+
+def test_a_temporary_server_that_cannot_start_is_one_line_and_writes_nothing(tmp_path, mnist_mirror):
+    """Prefect's database cannot be opened: the run stops before any stage, saying what the server said."""
+    env = {**os.environ, "MNIST_MIRROR": str(mnist_mirror), "MNIST_AE_OFFLINE": "1",
+           "PREFECT_HOME": str(tmp_path / "prefect-home"),
+           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path / 'missing-dir' / 'prefect.db'}"}
+    env.pop("PREFECT_API_URL", None)
+    store = tmp_path / "store"
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--profile", "quick", "--store", str(store)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("mnist-ae: Prefect's temporary server exited") and "unable to open database" in last
+    assert "Traceback" not in done.stderr
+    assert not [p for p in store.rglob("*") if p.is_file()]
 
 
 def _digit_pngs(mnist_mirror: Path, directory: Path, count: int) -> tuple[list[Path], list[int]]:
