@@ -175,7 +175,7 @@ def predict_with(path: Path, x: np.ndarray) -> tuple[np.ndarray, str]:
     """Load a `.keras` file safely and return its class probabilities on `x`."""
     from tasks.models import load_model  # Keras is imported only when a model is needed
 
-    model = load_model(path)
+    model = load_model(path, compile=False)  # predicting needs no optimizer, loss or compiled training step
     outputs = np.asarray(model.predict(x, batch_size=1024, verbose=0), dtype=np.float64)
     if outputs.shape != (len(x), NUM_CLASSES):
         raise ValueError(f"{Path(path).name}: expected outputs of shape {(len(x), NUM_CLASSES)}, got {outputs.shape}")
