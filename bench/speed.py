@@ -24,6 +24,7 @@ differ: compare seconds only within one table).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -93,7 +94,7 @@ def measure_torch(compiled: bool, epochs: int, data_dir: Path) -> list[float]:
     torch.manual_seed(config.seed)
     widths = [784, *config.pretrain.hidden, *reversed(config.pretrain.hidden[:-1]), 784]
     layers: list[torch.nn.Module] = []
-    for fan_in, fan_out in zip(widths, widths[1:]):
+    for fan_in, fan_out in itertools.pairwise(widths):
         layers += [torch.nn.Linear(fan_in, fan_out), torch.nn.Sigmoid()]
     model = torch.nn.Sequential(*layers)
     optimizer = torch.optim.RMSprop(model.parameters(), lr=config.pretrain.learning_rate, alpha=0.9)

@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+
 class ServerError(RuntimeError):
     """The temporary Prefect server did not start."""
 
