@@ -335,16 +335,22 @@ class _EpochLog(keras.callbacks.Callback):
         bad = [k for k in ("loss_mean", "loss_last_batch", "val_loss")
                if isinstance(row[k], float) and not math.isfinite(row[k])]
         if bad:
-            raise TrainingDiverged(diverged_message(self._name, epoch + 1, row[bad[0]], self._cfg))
+            raise TrainingDiverged(diverged_message(self._name, epoch + 1, f"the loss became {row[bad[0]]}",
+                                                    self._cfg))
+        # The loss alone can miss NaN weights: vectorised activations that clamp their input with min/max
+        # instructions (oneDNN's sigmoid, on CPUs where TensorFlow uses it) turn NaN into a number.
+        if not all(np.isfinite(w).all() for w in self.model.get_weights()):
+            raise TrainingDiverged(diverged_message(self._name, epoch + 1, "its weights became NaN or infinite",
+                                                    self._cfg))
 
 
-def diverged_message(model: str, epoch: int, value: Any, cfg: TrainConfig | None) -> str:
-    """One line saying which training diverged and which setting to lower."""
+def diverged_message(model: str, epoch: int, what: str, cfg: TrainConfig | None) -> str:
+    """One line saying which training diverged, `what` went wrong, and which setting to lower."""
     section = SECTIONS.get(type(cfg), "") if cfg is not None else ""
     lr = f"{section}.learning_rate" if section else "the learning rate"
     now = f" (now {cfg.learning_rate:g})" if cfg is not None else ""
     where = f"{section}: " if section else ""
-    return (f"{where}training of {model} diverged: the loss became {value} in epoch {epoch}; nothing was cached. "
+    return (f"{where}training of {model} diverged: {what} in epoch {epoch}; nothing was cached. "
             f"Lower {lr}{now} and run again")
 
 
