@@ -2,6 +2,10 @@
 
 import os
 
+# A level the user chose for TensorFlow's C++ logs is theirs; otherwise the command line and deployment runs keep
+# its log lines off stderr (flows.tf_logs). Read before the default below is set.
+TF_LOG_LEVEL_CHOSEN = "TF_CPP_MIN_LOG_LEVEL" in os.environ
+
 # Route the plain `tasks` package's log records into Prefect's run logs, and keep TensorFlow's C++ chatter down.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -10,3 +14,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # The temporary local API migrates a new database on first start, which takes longer than Prefect's 20 s default
 # on a busy two-core machine.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+if "PREFECT__FLOW_RUN_ID" in os.environ:  # a flow-run process that a Prefect worker started for a deployment
+    from flows.tf_logs import hide_tf_logs
+
+    hide_tf_logs()

@@ -17,6 +17,7 @@ from typing import get_args
 
 from flows.runners import DASK_ADDRESS_ENV, RUNNERS
 from flows.server import ServerError, TemporaryServer
+from flows.tf_logs import hide_tf_logs
 from tasks.config import (
     PROFILES,
     STAGES,
@@ -311,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     """The `mnist-ae` command: `main`, then the process ends."""
+    hide_tf_logs()  # before any command imports TensorFlow
     code = main()
     # The process ends next. Without this, Python's shutdown runs full garbage collections over every TensorFlow,
     # Keras and Prefect object first: 3.5-5 s after a run on two cores, for memory the process returns anyway.
