@@ -71,8 +71,10 @@ def load_gray(path: Path) -> np.ndarray:
                          "scale the image down first") from None
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
+    except Image.UnidentifiedImageError:  # Pillow's message would only name the file again
+        raise ImageError(f"{path}: not a readable image") from None
     except (OSError, ValueError, SyntaxError) as exc:
-        # Pillow raises OSError for unknown or truncated files, ValueError/SyntaxError for some malformed headers.
+        # Pillow raises OSError for truncated files, ValueError/SyntaxError for some malformed headers.
         raise ImageError(f"{path}: not a readable image ({_one_line(exc)})") from None
 
 
@@ -121,9 +123,10 @@ def predict(model_path: Path, image_paths: list[Path]) -> list[Prediction]:
         try:
             prepared[i] = prepare(Path(path))
         except Exception as exc:  # one bad file must not stop the others
-            errors[i] = _one_line(exc) if isinstance(exc, ImageError) else f"{path}: {_one_line(exc)}"
+            # Only what is wrong: each prediction names its file.
+            errors[i] = _one_line(exc).removeprefix(f"{Path(path)}: ")
             # The caller reports each error; a warning here would print it a second time.
-            log.debug("predict: %s", errors[i])
+            log.debug("predict: %s: %s", path, errors[i])
     probs = _probabilities(model, np.stack(list(prepared.values())), model_path) if prepared else np.empty((0, 10))
     by_index = dict(zip(prepared, probs, strict=True))
     results = []
