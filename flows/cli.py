@@ -195,12 +195,16 @@ def _promote(args: argparse.Namespace) -> int:
     registry = _registry(args, write=True)
     # Models evaluated in the store but never judged (their run failed while publishing) count too.
     candidates = {**stored_candidates(registry.store, args.dataset), **registry.candidates()}
+    known = ", ".join(k[:12] for k in candidates) or "none"
+    if not args.key.strip():  # every key starts with ""
+        raise RegistryError(f"the key is empty; give an evaluated model's key or a prefix of it (known: {known})")
     matches = [key for key in candidates if key.startswith(args.key)]
     if len(matches) != 1:
-        known = ", ".join(k[:12] for k in candidates) or "none"
         raise RegistryError(f"{args.key!r} matches {len(matches)} evaluated models (known: {known})")
-    registry.promote(matches[0], candidates[matches[0]], by=_who(), reason=args.reason)
-    print(f"champion: {matches[0]}")
+    if registry.promote(matches[0], candidates[matches[0]], by=_who(), reason=args.reason) is None:
+        print(f"champion: {matches[0]} (already the champion; nothing recorded)")
+    else:
+        print(f"champion: {matches[0]}")
     return 0
 
 

@@ -231,6 +231,8 @@ class PipelineConfig(_Section):
     @field_validator("store")
     @classmethod
     def _known_store(cls, v: str) -> str:
+        if not v.strip():  # not the default `artifacts/`: an empty value is a mistake, not a choice
+            raise ValueError("the store root is empty; give a directory or an s3://bucket/prefix URL")
         scheme = v.partition("://")[0] if "://" in v else "file"
         if scheme not in ("file", "s3"):
             raise ValueError(f"{v}: store roots are local paths or s3://bucket/prefix URLs")
@@ -334,7 +336,7 @@ def load_config(
         raise ConfigError(f"profile: unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     if not isinstance(overrides, Mapping):
         overrides = parse_overrides(overrides)
-    if store:
+    if store is not None:
         overrides = {**overrides, "store": store}
     tree = json.loads(json.dumps(PROFILES[profile]))
     tree["profile"] = profile
@@ -368,4 +370,6 @@ def _describe(exc: ValidationError) -> str:
         value = err.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
         lines.append(f"{field}: {err['msg']}{shown}")
+    if len(lines) == 1:
+        return f"invalid configuration: {lines[0]}"
     return "invalid configuration:\n  " + "\n  ".join(lines)

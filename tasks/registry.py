@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -15,11 +16,13 @@ import numpy as np
 
 from tasks.config import PromoteConfig
 from tasks.evaluate import mcnemar_exact
-from tasks.store import ArtifactError, Conflict, Store
+from tasks.store import ABSENT, ArtifactError, Conflict, Store
 
 log = logging.getLogger(__name__)
 
 REGISTRY_DIR = "registry"
+MODEL = "pretrained"  # the kind of model a registry holds (tasks.models.MODEL_FILES): the fine-tuned autoencoder
+KEY = re.compile(r"[0-9a-f]+")  # artifact keys are sha256 hex digests
 
 
 class RegistryError(RuntimeError):
@@ -146,10 +149,26 @@ class Registry:
         if champ is None:
             return None
         try:
-            return self.store.verified(champ["model_path"])
+            return self.model(champ["key"])
         except ArtifactError as exc:
             raise RegistryError(f"champion {exc}. Re-run the pipeline with the settings that trained it (the store "
                                 "rebuilds a damaged artifact), or go back with `mnist-ae rollback`") from None
+
+    def model(self, key: str) -> Path:
+        """The model file of the fine-tune artifact `key` in this store, verified against its manifest.
+
+        Only the key is trusted: a registry's `model_path` is written for readers, but a hand-edited one
+        must not make the registry hand out another file.
+        """
+        from tasks.models import MODEL_FILES  # Keras comes with it: only needed once a model is
+
+        stage, file = MODEL_FILES[MODEL]
+        if not KEY.fullmatch(key):
+            raise ArtifactError(f"{key!r} in registry {self.location} is not an artifact key")
+        if self.store.problem(stage, key) == ABSENT:
+            raise ArtifactError(f"{key[:12]} in registry {self.location} names no {stage} artifact in store "
+                                f"{self.store.url}")
+        return self.store.verified(f"{stage}/{key}/{file}")
 
     def judged(self, evaluate_key: str) -> bool:
         """Whether any registry event already concerns the model of this evaluation."""
@@ -179,8 +198,11 @@ class Registry:
                      "reason": decision.reason, "candidate": self._normalise(candidate), "decision": asdict(decision)}
             return self._apply_locked(event, promote=decision.promote)
 
-    def promote(self, key: str, candidate: dict[str, Any] | None, by: str, reason: str) -> dict[str, Any]:
-        """Manual override: make `key` champion whatever the rule says (candidate looked up when None)."""
+    def promote(self, key: str, candidate: dict[str, Any] | None, by: str, reason: str) -> dict[str, Any] | None:
+        """Manual override: make `key` champion whatever the rule says (candidate looked up when None).
+
+        None, with nothing recorded, when `key` is the champion already.
+        """
         if candidate is None:
             candidate = self.candidates().get(key)
             if candidate is None:
@@ -188,16 +210,22 @@ class Registry:
         if candidate["key"] != key:
             raise RegistryError(f"candidate key {candidate['key']} does not match {key}")
         try:
-            self.store.verified(self._normalise(candidate)["model_path"])
+            self.model(key)
         except ArtifactError as exc:
             raise RegistryError(f"cannot promote {key[:12]}: {exc}") from None
         event = {"event": "manual", "at": _now(), "by": by, "reason": reason, "candidate": self._normalise(candidate)}
-        return self._apply(event, promote=True)
+        with self.store.lock(self._lock):
+            champion = self._read()["champion"]
+            if champion is not None and champion["key"] == key:
+                return None
+            return self._apply_locked(event, promote=True)
 
     def rollback(self, by: str) -> dict[str, Any]:
         """Make the previous champion the champion again and return the new champion."""
         with self.store.lock(self._lock):
             state = self._read()
+            if state["champion"] is None:
+                raise RegistryError(f"cannot roll back: registry {self.location} has no champion to roll back from")
             lineage = _lineage(state["history"])
             if len(lineage) < 2:
                 status = "no champion" if not lineage else f"only champion {lineage[-1]['key'][:12]}"
@@ -210,10 +238,6 @@ class Registry:
             self._write(state)
         log.info("registry: %s by %s", reason, by)
         return state["champion"]
-
-    def _apply(self, event: dict[str, Any], promote: bool) -> dict[str, Any]:
-        with self.store.lock(self._lock):
-            return self._apply_locked(event, promote)
 
     def _apply_locked(self, event: dict[str, Any], promote: bool) -> dict[str, Any]:
         state = self._read()

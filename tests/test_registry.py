@@ -177,7 +177,7 @@ def test_manual_promote_of_an_evaluated_model_by_key_alone(store_root):
 
 def test_rollback_without_previous_champion_errors_clearly(store_root):
     reg = Registry(store_root)
-    with pytest.raises(RegistryError, match="no previous champion \\(no champion\\)"):
+    with pytest.raises(RegistryError, match="has no champion to roll back from"):
         reg.rollback(by="bob")
     reg.record_decision(candidate("a"), lambda _: first_model(), "run-1")
     with pytest.raises(RegistryError, match="no previous champion \\(only champion aaaaaaaa"):
