@@ -1,6 +1,9 @@
 """Everything Prefect-aware: the task wrappers, the flow and the command line."""
 
+import logging
 import os
+
+from flows.tf_logs import hide_tf_logs, not_retracing
 
 # A level the user chose for TensorFlow's C++ logs is theirs; otherwise the command line and deployment runs keep
 # its log lines off stderr (flows.tf_logs). Read before the default below is set.
@@ -15,7 +18,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # on a busy two-core machine.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
+# In every process that runs the pipeline's code, Dask workers included.
+logging.getLogger("tensorflow").addFilter(not_retracing)
 if "PREFECT__FLOW_RUN_ID" in os.environ:  # a flow-run process that a Prefect worker started for a deployment
-    from flows.tf_logs import hide_tf_logs
-
     hide_tf_logs()

@@ -63,11 +63,11 @@ def hide_tf_logs() -> None:
             pass  # a child process still holds the pipe; the filter passes on its lines after this process ends
 
     atexit.register(drain)
-    logging.getLogger("tensorflow").addFilter(_not_retracing)
 
 
-def _not_retracing(record: logging.LogRecord) -> bool:
-    """False for Keras's tf.function retracing warnings: each new model the pipeline trains retraces on purpose."""
+def not_retracing(record: logging.LogRecord) -> bool:
+    """False for TensorFlow's tf.function retracing warnings: Keras retraces for each new model the pipeline trains,
+    on purpose, and the warning asks for a change that is not the user's to make."""
     return "triggered tf.function retracing" not in record.getMessage()
 
 
