@@ -18,12 +18,12 @@ from tasks.data import load_splits
 from tasks.download import fingerprint
 from tasks.evaluate import METRICS_FILE, load_predictions, predict_with
 from tasks.models import MODEL_FILES
-from tasks.registry import Decision, Registry, RegistryError, decide
+from tasks.registry import MODEL, Decision, Registry, RegistryError, decide
 from tasks.store import ArtifactError, ArtifactRef, Store, key_of, read_manifest
 
 log = logging.getLogger(__name__)
 
-CHALLENGER = "pretrained"  # the notebook's model: encoder pretrained as an autoencoder, then fine-tuned
+CHALLENGER = MODEL  # the notebook's model: encoder pretrained as an autoencoder, then fine-tuned
 BASELINE = "softmax"  # the quality gate: a challenger must beat the softmax regression of its own run
 RUNS_DIR = "runs"
 
@@ -51,7 +51,8 @@ def _champion_correct(store: Store, champion: dict[str, Any], config: PipelineCo
     log.info("champion %s was scored on other data; scoring it on this run's test set", champion["key"][:12])
     splits = load_splits(refs["download"].path, config.data.split())
     try:
-        probabilities, _ = predict_with(store.verified(champion["model_path"]), splits.x_test)
+        model = Registry(store.url, config.data.dataset).model(champion["key"])
+        probabilities, _ = predict_with(model, splits.x_test)
     except ArtifactError as exc:
         raise RegistryError(f"champion {exc}: it cannot be re-scored. Re-run the pipeline with the settings that "
                             "trained it, or `mnist-ae rollback`; this run's model is judged by the next run") from None
@@ -229,8 +230,6 @@ def run_report(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef
     this run's section and `extra` blocks, and the configuration last."""
     report_dir = Path(refs["report"].path)
     name = f"{run.at:%Y%m%dT%H%M%SZ}-{(run.id or uuid.uuid4().hex)[:8]}"
-    staging = store.root / RUNS_DIR / f".{name}.tmp"
-    staging.mkdir(parents=True)
     title, *parts = document.sections(document.load_blocks(report_dir / document.BLOCKS_FILE))
 
     def heading(part: list[document.Block]) -> str:
@@ -241,11 +240,12 @@ def run_report(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef
     configuration = [b for p in parts if heading(p) == report.CONFIG_HEADING for b in p]
     comparable = [r for r in history.read(store.url)
                   if r.get("profile") == config.profile and r.get("dataset", "mnist") == config.data.dataset]
-    blocks = [*title, *summary_section(config, store, refs, decision, run), *body,
-              *run_section(store, refs, decision, comparable, staging, run), *(extra or []),
-              *configuration]
-    document.render(blocks, staging, report.REPORT_NAME, assets=report_dir)
-    final = store.publish(staging, f"{RUNS_DIR}/{name}")
+    with store.staged(f"{RUNS_DIR}/{name}") as staging:
+        blocks = [*title, *summary_section(config, store, refs, decision, run), *body,
+                  *run_section(store, refs, decision, comparable, staging, run), *(extra or []),
+                  *configuration]
+        document.render(blocks, staging, report.REPORT_NAME, assets=report_dir)
+    final = store.root / RUNS_DIR / name
     return {"markdown": final / f"{report.REPORT_NAME}.md", "html": final / f"{report.REPORT_NAME}.html",
             "blocks": final / document.BLOCKS_FILE}
 

@@ -7,6 +7,7 @@ verified before use, and from which new ones are pushed, their manifest created 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -30,9 +31,11 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 CACHE_ENV = "MNIST_AE_CACHE"
 ABSENT = "not stored"
+# Errors of a disk (or quota) that has run full: what was being written cannot be kept.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
-__all__ = ["ABSENT", "ArtifactError", "ArtifactRef", "Conflict", "Store", "StoreError", "key_of", "read_manifest",
-           "sha256_file", "verified_file", "verify", "write_json_atomic", "write_manifest"]
+__all__ = ["ABSENT", "ArtifactError", "ArtifactRef", "Conflict", "Store", "StoreError", "key_of", "out_of_space",
+           "read_manifest", "sha256_file", "verified_file", "verify", "write_json_atomic", "write_manifest"]
 
 
 class ArtifactError(RuntimeError):
@@ -201,26 +204,28 @@ class Store:
             for stale in (self.root / ".tmp").glob(f"{stage}-{key}-*"):
                 shutil.rmtree(stale, ignore_errors=True)
             staging = self.root / ".tmp" / f"{stage}-{key}-{uuid.uuid4().hex[:8]}"
-            staging.mkdir(parents=True)
-            started = time.perf_counter()
-            try:
-                summary = produce(staging)
-            except BaseException as exc:
-                kept = self._keep_failed(staging, stage)
-                if isinstance(exc, Exception) and kept:
-                    exc.add_note(f"partial output of {stage} kept for inspection in {kept} (never used as a cache hit)")
-                raise
-            duration = time.perf_counter() - started
-            created = datetime.now(UTC).isoformat(timespec="seconds")
-            write_manifest(staging, stage=stage, key=key, key_inputs=key_inputs,
-                           summary=summary, duration_s=duration, created_at=created)
-            if self.bucket and not self._push(staging, f"{stage}/{key}"):
-                shutil.rmtree(staging, ignore_errors=True)
-                if hit := self.load(stage, key):
-                    return hit
-                raise StoreError(f"store {self.url}: {stage}/{key[:12]} was committed by another run while this one "
-                                 "held its lock, and fails verification; run again")
-            final = self._install(staging, self.path(stage, key))
+            with self._writing(f"{stage}/{key[:12]}", staging):
+                staging.mkdir(parents=True)
+                started = time.perf_counter()
+                try:
+                    summary = produce(staging)
+                except BaseException as exc:
+                    # A partial copy on a full disk would only keep it full: then the staging dir goes.
+                    if not out_of_space(exc) and (kept := self._keep_failed(staging, stage)):
+                        exc.add_note(f"partial output of {stage} kept for inspection in {kept} "
+                                     "(never used as a cache hit)")
+                    raise
+                duration = time.perf_counter() - started
+                created = datetime.now(UTC).isoformat(timespec="seconds")
+                write_manifest(staging, stage=stage, key=key, key_inputs=key_inputs,
+                               summary=summary, duration_s=duration, created_at=created)
+                if self.bucket and not self._push(staging, f"{stage}/{key}"):
+                    shutil.rmtree(staging, ignore_errors=True)
+                    if hit := self.load(stage, key):
+                        return hit
+                    raise StoreError(f"store {self.url}: {stage}/{key[:12]} was committed by another run while this "
+                                     "one held its lock, and fails verification; run again")
+                final = self._install(staging, self.path(stage, key))
             return ArtifactRef(stage=stage, key=key, path=str(final), cached=False,
                                duration_s=duration, created_at=created, summary=summary)
 
@@ -265,15 +270,22 @@ class Store:
                                     f"({problem})")
         return verified_file(path)
 
-    def publish(self, staging: Path, rel: str) -> Path:
-        """Move a finished local directory to `rel` under the root (and upload its files); return the local copy."""
-        if self.bucket:
-            for path in sorted(p for p in staging.rglob("*") if p.is_file()):
-                self.bucket.upload(path, f"{rel}/{path.relative_to(staging).as_posix()}")
-        final = self.root / rel
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, final)
-        return final
+    @contextmanager
+    def staged(self, rel: str) -> Iterator[Path]:
+        """A new local directory to build `rel` in: moved there (and uploaded) when the block ends, removed if it fails.
+
+        The finished directory is `root / rel`.
+        """
+        staging = self.root / ".tmp" / f"{rel.replace('/', '-')}-{uuid.uuid4().hex[:8]}"
+        with self._writing(rel, staging):
+            staging.mkdir(parents=True)
+            yield staging
+            if self.bucket:
+                for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+                    self.bucket.upload(path, f"{rel}/{path.relative_to(staging).as_posix()}")
+            final = self.root / rel
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging, final)
 
     def read_text(self, rel: str, errors: str = "strict") -> str | None:
         """A small document under the root (registry, history), or None when there is none."""
@@ -296,7 +308,35 @@ class Store:
             version = self._versions.get(rel)
             self._versions[rel] = self.bucket.put(rel, text.encode("utf-8"), if_match=version, create=version is None)
             return
-        _write_text_atomic(self.root / rel, text)
+        with self._writing(rel):
+            _write_text_atomic(self.root / rel, text)
+
+    def incomplete(self, stage: str, key: str) -> str | None:
+        """What an unfinished write of an artifact without a manifest left behind, or None when it left nothing."""
+        if self.bucket:
+            left = bool(self.bucket.glob(f"{stage}/{key}/*"))
+        else:
+            left = any((self.root / ".tmp").glob(f"{stage}-{key}-*"))
+        if not left:
+            return None
+        return "files without a manifest: a run writing it stopped before committing it, or is writing it now"
+
+    @contextmanager
+    def _writing(self, what: str, *leftovers: Path) -> Iterator[None]:
+        """Remove `leftovers` if the block fails; a disk that ran full becomes one line naming the store and `what`."""
+        try:
+            yield
+        except BaseException as exc:
+            for path in leftovers:
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+            if not out_of_space(exc):
+                raise
+            disk = f" (its local cache {self.root})" if self.bucket else ""
+            raise StoreError(f"store {self.url}{disk}: no space left on device while writing {what}; "
+                             "nothing was kept, what was stored before is intact") from None
 
     def _pull(self, stage: str, key: str) -> str | None:
         """Bring an object-store artifact into the local cache, verified; what is wrong with it, or None."""
@@ -358,15 +398,30 @@ class Store:
         shutil.rmtree(trash, ignore_errors=True)
 
     def _keep_failed(self, staging: Path, stage: str) -> Path | None:
+        """Move a failed stage's output aside for inspection; None when there is none (or it cannot be kept)."""
         if not staging.exists():
             return None
         if not any(staging.iterdir()):
             staging.rmdir()
             return None
-        self.failed.mkdir(parents=True, exist_ok=True)
         target = self.failed / f"{stage}-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-        os.replace(staging, target)
+        try:
+            self.failed.mkdir(parents=True, exist_ok=True)
+            os.replace(staging, target)
+        except OSError:
+            return None
         return target
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """Whether an error, or one that caused it, is a disk (or quota) that ran full."""
+    chain: list[BaseException] = []
+    seen: BaseException | None = exc
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    # Libraries that wrap the OSError (HDF5, TensorFlow) keep its text only.
+    return any(isinstance(e, OSError) and e.errno in NO_SPACE or "No space left on device" in str(e) for e in chain)
 
 
 def write_manifest(directory: Path, **fields: Any) -> None:
@@ -425,9 +480,13 @@ def write_json_atomic(path: Path, data: Any) -> None:
 def _write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text)
-    _fsync_file(tmp)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
 
 

@@ -192,3 +192,15 @@ def test_verified_file_vouches_only_for_intact_listed_files(tmp_path):
     path.write_text("jello")
     with pytest.raises(ArtifactError, match=r"result.txt: fails verification .*\(checksum mismatch in result.txt\)"):
         verified_file(path)
+
+
+@pytest.mark.parametrize("command", [["status"], ["run", "--profile", "quick"], ["rollback"], ["predict", "x.png"]])
+def test_an_empty_store_is_refused_not_taken_for_the_default(command, tmp_path, monkeypatch, capsys):
+    from flows.cli import main
+
+    monkeypatch.chdir(tmp_path)  # where the default store, artifacts/, would be
+    assert main([*command, "--store", ""]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == ("mnist-ae: invalid configuration: store: Value error, the store root is empty; give a directory "
+                    "or an s3://bucket/prefix URL (got '')")
+    assert list(tmp_path.iterdir()) == []
