@@ -247,7 +247,7 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _data_add(args: argparse.Namespace) -> int:
-    from tasks.batches import read_batch
+    from tasks.batches import check_name, read_batch
     from tasks.intake import check
 
     config = _config(args)
@@ -257,6 +257,7 @@ def _data_add(args: argparse.Namespace) -> int:
     incoming.mkdir(parents=True, exist_ok=True)
     refused = 0
     for path in args.paths:
+        check_name(path)
         target = incoming / path.name
         if target.exists():
             raise DataError(f"{target}: a batch of that name is already in the incoming directory; rename {path}")

@@ -3,7 +3,7 @@
 A batch is one entry of the directory: a `.npz` file with arrays `x` (N x 28 x 28 uint8) and `y` (N labels),
 or a directory holding either one IDX image/label pair (file names containing `idx3` and `idx1`, gzipped or
 not) or class folders `0` .. `9` of PNG files, converted exactly as `mnist-ae predict` converts its inputs.
-Entries whose names start with `.` or `_` (such as the quarantine) are not batches.
+Entries whose names start with `.` or `_` (staging copies, the quarantine) are not batches.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ from tasks import idx
 from tasks.idx import DataError
 
 CLASS_FOLDERS = tuple(str(c) for c in range(10))
+HIDDEN = (".", "_")  # name prefixes of staging copies and the quarantine, which are not batches
+# About four times MNIST's training set; an IDX header declaring more is refused before any data is unpacked.
+MAX_IMAGES = 250_000
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,14 @@ def entries(incoming: Path | None) -> list[Path]:
     """The batch entries of the incoming directory, by name; none when it is not configured or does not exist."""
     if incoming is None or not incoming.is_dir():
         return []
-    return sorted(p for p in incoming.iterdir() if not p.name.startswith((".", "_")))
+    return sorted(p for p in incoming.iterdir() if not p.name.startswith(HIDDEN))
+
+
+def check_name(path: Path) -> None:
+    """Fail when the entry's name would hide it from runs, as staging copies and the quarantine are hidden."""
+    if path.name.startswith(HIDDEN):
+        raise DataError(f"{path}: names starting with '.' or '_' are hidden (staging copies, the quarantine) and "
+                        "runs skip them; rename it")
 
 
 def read_batch(path: Path) -> Batch:
@@ -60,6 +70,10 @@ def read_batch(path: Path) -> Batch:
     else:
         raise DataError(f"{path}: not a batch (expected a .npz file, or a directory with an IDX image/label pair "
                         "or class folders 0..9 of PNG files)")
+    if not len(y):
+        raise DataError(f"{path}: holds no images; a batch needs at least one")
+    if len(y) > MAX_IMAGES:
+        raise DataError(f"{path}: holds {len(y):,} images, more than the {MAX_IMAGES:,} a batch may hold; split it")
     x, y = _uint8_if_lossless(x), _uint8_if_lossless(y)
     return Batch(path, x, y, content_hash(x, y))
 
@@ -100,6 +114,9 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path}: x has shape {x.shape}, expected N x 28 x 28 images")
     if y.ndim != 1:
         raise DataError(f"{path}: y has shape {y.shape}, expected one label per image")
+    for key, array in (("x", x), ("y", y)):
+        if array.dtype.kind not in "biuf":  # strings or objects: no statistic of the validation applies
+            raise DataError(f"{path}: {key} holds {array.dtype} values, expected numbers")
     idx.check_pair(x, y, f"{path} x", f"{path} y")
     return x, y
 
@@ -115,8 +132,8 @@ def _read_directory(path: Path) -> tuple[np.ndarray, np.ndarray]:
         if len(images) != 1 or len(labels) != 1:
             raise DataError(f"{path}: expected one IDX image file (name containing idx3) and one label file "
                             f"(idx1), found {len(images)} and {len(labels)}")
-        x = idx.parse_images(idx.read_payload(images[0]), str(images[0]))
-        y = idx.parse_labels(idx.read_payload(labels[0]), str(labels[0]))
+        x = idx.read_idx(images[0], idx.IMAGES_MAGIC, (None, idx.ROWS, idx.COLS), MAX_IMAGES)
+        y = idx.read_idx(labels[0], idx.LABELS_MAGIC, (None,), MAX_IMAGES)
         idx.check_pair(x, y, str(images[0]), str(labels[0]))
         return x, y
     if not folders:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import math
 import zlib
 from pathlib import Path
@@ -14,6 +15,7 @@ IMAGES_MAGIC = 0x00000803
 LABELS_MAGIC = 0x00000801
 ROWS = COLS = 28
 _AXES = {IMAGES_MAGIC: ("items", "rows", "columns"), LABELS_MAGIC: ("items",)}
+_TRAILING = 1 << 20  # bytes read past the declared data to name what follows it
 
 
 class DataError(ValueError):
@@ -39,24 +41,61 @@ def read_payload(path: Path, name: str | None = None) -> bytes:
 
 def parse_idx(payload: bytes, name: str, magic: int, shape: tuple[int | None, ...]) -> np.ndarray:
     """The uint8 array of an IDX payload whose magic and dimensions must equal `magic` and `shape` (None: any)."""
-    if len(payload) < 4:
-        raise DataError(f"{name}: truncated header ({len(payload)} bytes)")
-    found = int.from_bytes(payload[:4], "big")
+    return _read_idx(io.BytesIO(payload), name, magic, shape)
+
+
+def read_idx(path: Path, magic: int, shape: tuple[int | None, ...], max_items: int) -> np.ndarray:
+    """The array of an IDX file (gunzipped as it is read when its name ends in .gz) of at most `max_items` items.
+
+    The header is checked before the data is read, and at most a little past the declared data: a small file that
+    unpacks to gigabytes is refused without being unpacked.
+    """
+    name = str(path)
+    try:
+        raw = path.open("rb")
+    except FileNotFoundError:
+        raise DataError(f"{name}: missing") from None
+    except OSError as exc:
+        raise DataError(f"{name}: unreadable ({exc.strerror})") from None
+    with raw:
+        if path.suffix != ".gz":
+            return _read_idx(raw, name, magic, shape, max_items)
+        try:
+            with gzip.GzipFile(fileobj=raw) as stream:
+                return _read_idx(stream, name, magic, shape, max_items)
+        except (OSError, EOFError, zlib.error) as exc:  # bad header, cut-off stream, bad deflate data or CRC
+            raise DataError(f"{name}: corrupt gzip ({exc})") from None
+
+
+def _read_idx(stream: io.BufferedIOBase, name: str, magic: int, shape: tuple[int | None, ...],
+              max_items: int | None = None) -> np.ndarray:
+    """Read one IDX array from `stream`, checking magic, dimensions and size before reading the data."""
+    head = stream.read(4)
+    if len(head) < 4:
+        raise DataError(f"{name}: truncated header ({len(head)} bytes)")
+    found = int.from_bytes(head, "big")
     if found != magic:
         raise DataError(f"{name}: wrong magic number 0x{found:08x}, expected 0x{magic:08x}")
     header = 4 + 4 * len(shape)
-    if len(payload) < header:
-        raise DataError(f"{name}: truncated header ({len(payload)} bytes, need {header})")
-    dims = tuple(int(d) for d in np.frombuffer(payload, ">u4", count=len(shape), offset=4))
+    head += stream.read(header - 4)
+    if len(head) < header:
+        raise DataError(f"{name}: truncated header ({len(head)} bytes, need {header})")
+    dims = tuple(int(d) for d in np.frombuffer(head, ">u4", count=len(shape), offset=4))
     for axis, got, want in zip(_AXES.get(magic, ("items",) * len(shape)), dims, shape, strict=True):
         if want is not None and got != want:
             raise DataError(f"{name}: header declares {got} {axis}, expected {want}")
-    size, body = math.prod(dims), len(payload) - header
-    if body < size:
-        raise DataError(f"{name}: truncated payload ({body} data bytes, header declares {size})")
-    if body > size:
-        raise DataError(f"{name}: {body - size} trailing bytes after the {size} data bytes the header declares")
-    return np.frombuffer(payload, np.uint8, count=size, offset=header).reshape(dims)
+    if max_items is not None and dims[0] > max_items:
+        raise DataError(f"{name}: header declares {dims[0]:,} items, more than the {max_items:,} accepted; "
+                        "split it into smaller files")
+    size = math.prod(dims)
+    body = stream.read(size)
+    if len(body) < size:
+        raise DataError(f"{name}: truncated payload ({len(body)} data bytes, header declares {size})")
+    # A bounded look past the data: a stream holding more than its header says is not read to its end.
+    if trailing := len(stream.read(_TRAILING + 1)):
+        count = f"more than {_TRAILING}" if trailing > _TRAILING else str(trailing)
+        raise DataError(f"{name}: {count} trailing bytes after the {size} data bytes the header declares")
+    return np.frombuffer(body, np.uint8).reshape(dims)
 
 
 def parse_images(payload: bytes, name: str, count: int | None = None) -> np.ndarray:

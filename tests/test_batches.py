@@ -50,6 +50,8 @@ def test_class_folders_of_pngs_are_converted_as_predict_converts(mnist, tmp_path
      "3 labels for the 2 images"),
     (lambda d: np.savez(d / "b.npz", x=np.zeros((2, 784), np.uint8), y=np.zeros(2, np.uint8)),
      "x has shape (2, 784), expected N x 28 x 28 images"),
+    (lambda d: np.savez(d / "b.npz", x=np.zeros((2, 28, 28), np.uint8), y=np.array(["a", "b"])),
+     "y holds <U1 values, expected numbers"),
     (lambda d: (d / "b.csv").write_text("1,2"), "b.csv: not a batch"),
     (lambda d: (d / "b" / "12").mkdir(parents=True), "folder(s) 12 are not classes 0..9"),
     (lambda d: ((d / "b" / "3").mkdir(parents=True), (d / "b" / "3" / "x.jpg").write_bytes(b"")),
@@ -59,7 +61,7 @@ def test_class_folders_of_pngs_are_converted_as_predict_converts(mnist, tmp_path
     (lambda d: ((d / "b").mkdir(), (d / "b" / "images-idx3-ubyte").write_bytes(encode_idx(np.zeros((1, 28, 28),
                                                                                              np.uint8)))),
      "expected one IDX image file (name containing idx3) and one label file (idx1), found 1 and 0"),
-], ids=["not-zip", "no-y", "count", "flat", "csv", "bad-class", "jpeg", "bad-png", "no-labels"])
+], ids=["not-zip", "no-y", "count", "flat", "text-labels", "csv", "bad-class", "jpeg", "bad-png", "no-labels"])
 def test_bad_batches_are_refused_naming_the_file(tmp_path, make, message):
     make(tmp_path)
     (path,) = entries(tmp_path)

@@ -8,7 +8,16 @@ import struct
 import numpy as np
 import pytest
 
-from tasks.idx import DataError, check_pair, encode_idx, parse_images, parse_labels, read_payload
+from tasks.idx import (
+    IMAGES_MAGIC,
+    DataError,
+    check_pair,
+    encode_idx,
+    parse_images,
+    parse_labels,
+    read_idx,
+    read_payload,
+)
 
 IMAGES = "t10k-images-idx3-ubyte"
 LABELS = "t10k-labels-idx1-ubyte"
@@ -100,3 +109,20 @@ def test_corrupt_gzip_is_rejected_naming_the_file(tmp_path, mnist_mirror, damage
 def test_missing_file_is_reported_by_name(tmp_path):
     with pytest.raises(DataError, match=rf"^{LABELS}\.gz: missing$"):
         read_payload(tmp_path / f"{LABELS}.gz", f"{LABELS}.gz")
+
+
+def test_read_idx_streams_the_same_array_and_refuses_what_the_payload_parser_refuses(tmp_path, mnist_mirror,
+                                                                                     payloads):
+    packed = mnist_mirror / f"{IMAGES}.gz"
+    shape = (None, 28, 28)
+    assert np.array_equal(read_idx(packed, IMAGES_MAGIC, shape, 10000), parse_images(payloads[IMAGES], IMAGES))
+    with pytest.raises(DataError, match="header declares 10,000 items, more than the 9,999 accepted"):
+        read_idx(packed, IMAGES_MAGIC, shape, 9999)
+    cut = tmp_path / f"{IMAGES}.gz"
+    cut.write_bytes(packed.read_bytes()[:100_000])
+    with pytest.raises(DataError, match=rf"^{cut}: corrupt gzip \(Compressed file ended"):
+        read_idx(cut, IMAGES_MAGIC, shape, 10000)
+    plain = tmp_path / IMAGES
+    plain.write_bytes(payloads[IMAGES] + b"\0")
+    with pytest.raises(DataError, match=rf"^{plain}: 1 trailing bytes after the 7840000 data bytes"):
+        read_idx(plain, IMAGES_MAGIC, shape, 10000)
