@@ -111,6 +111,8 @@ def why_missing(store: Store, stage: str, key: str, inputs: dict[str, Any], prob
     problem = problem or store.problem(stage, key)
     if problem != ABSENT:
         return f"stored artifact is damaged: {problem}; the next run recomputes it"
+    if left := store.incomplete(stage, key):
+        return f"stored artifact is incomplete: {left}; the next run recomputes it"
     previous = store.manifests(stage)
     if not previous:
         return "never computed"

@@ -8,6 +8,7 @@ cross-machine lock (a lease object) and the registry's and run history's read-mo
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import json
 import logging
@@ -69,11 +70,24 @@ class Bucket:
     def location(self, rel: str) -> str:
         return f"{self.url}/{rel}"
 
+    @contextmanager
+    def _reached(self) -> Iterator[None]:
+        """Turn a server that cannot be reached (refused, reset, timed out) into one line naming the store."""
+        from botocore.exceptions import ConnectionError as Unreachable
+        from botocore.exceptions import HTTPClientError
+
+        try:
+            yield
+        except (Unreachable, HTTPClientError) as exc:
+            raise StoreError(f"store {self.url} cannot be reached ({exc}); check that its S3 server is running and "
+                             "that AWS_ENDPOINT_URL names it") from None
+
     def _call(self, method: str, **kwargs: Any) -> dict[str, Any]:
         from botocore.exceptions import ClientError
 
         try:
-            result: dict[str, Any] = self.fs.call_s3(method, Bucket=self.bucket, **kwargs)
+            with self._reached():
+                result: dict[str, Any] = self.fs.call_s3(method, Bucket=self.bucket, **kwargs)
             return result
         except ClientError as exc:  # s3fs passes some through untranslated
             raise self._translate(exc, kwargs.get("Key")) from None
@@ -99,7 +113,8 @@ class Bucket:
             result = self._call("get_object", Key=self.key(rel))
         except FileNotFoundError:
             return None
-        return _read_body(self.fs, result["Body"]), result["ETag"]
+        with self._reached():
+            return _read_body(self.fs, result["Body"]), result["ETag"]
 
     def put(self, rel: str, data: bytes, *, if_match: str | None = None, create: bool = False) -> str:
         """Write the object and return its new ETag; `create` only if absent, `if_match` only if unchanged."""
@@ -115,16 +130,19 @@ class Bucket:
         self._call("delete_object", Key=self.key(rel))
 
     def upload(self, local: Path, rel: str) -> None:
-        self.fs.put_file(str(local), f"{self.bucket}/{self.key(rel)}")
+        with self._reached():
+            self.fs.put_file(str(local), f"{self.bucket}/{self.key(rel)}")
 
     def download(self, rel: str, local: Path) -> None:
         local.parent.mkdir(parents=True, exist_ok=True)
-        self.fs.get_file(f"{self.bucket}/{self.key(rel)}", str(local))
+        with self._reached():
+            self.fs.get_file(f"{self.bucket}/{self.key(rel)}", str(local))
 
     def glob(self, pattern: str) -> list[str]:
         """Paths (relative to the root) of the objects matching a glob pattern relative to the root."""
         base = f"{self.bucket}/{self.prefix}/" if self.prefix else f"{self.bucket}/"
-        return [p.removeprefix(base) for p in self.fs.glob(base + pattern)]
+        with self._reached():
+            return [p.removeprefix(base) for p in self.fs.glob(base + pattern)]
 
     def check_writable(self) -> None:
         """Fail with one line naming the URL when objects cannot be written and deleted under it."""
@@ -156,16 +174,24 @@ class Bucket:
         owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         etag = self._acquire(rel, owner)
         stop = threading.Event()
-        renewer = threading.Thread(target=self._renew, args=(rel, owner, etag, stop), daemon=True)
+        # In this thread's context, so the renewer's log records reach the run's log (Prefect keeps the run there).
+        renewer = threading.Thread(target=contextvars.copy_context().run, args=(self._renew, rel, owner, etag, stop),
+                                   daemon=True)
         renewer.start()
+        failed = True
         try:
             yield
+            failed = False
         finally:
             stop.set()
             renewer.join()
-            current = self.get(rel)
-            if current is not None and json.loads(current[0]).get("owner") == owner:
-                self.delete(rel)
+            try:
+                current = self.get(rel)
+                if current is not None and json.loads(current[0]).get("owner") == owner:
+                    self.delete(rel)
+            except StoreError:
+                if not failed:  # else the error that ended the block is the one to tell (the lease expires)
+                    raise
 
     def _acquire(self, rel: str, owner: str) -> str:
         seen: tuple[str, float] | None = None  # another holder's ETag and when this process first saw it
@@ -177,6 +203,8 @@ class Bucket:
             current = self.get(rel)
             if current is None:
                 continue
+            if seen is None:
+                _tell_waiting(self.location(rel), current[0])
             if seen is None or seen[0] != current[1]:
                 seen = (current[1], time.monotonic())
             elif time.monotonic() - seen[1] > LEASE_S:
@@ -200,7 +228,7 @@ class Bucket:
                 log.error("lock %s: lease lost to another process; its conditional writes will be refused",
                           self.location(rel))
                 return
-            except OSError as exc:
+            except (OSError, StoreError) as exc:
                 log.warning("lock %s: renewing the lease failed (%s); retrying", self.location(rel), exc)
 
 
@@ -217,6 +245,16 @@ def _filesystem(pid: int, *settings: str | None) -> Any:
 
 def _lease_body(owner: str, beat: int) -> bytes:
     return json.dumps({"owner": owner, "beat": beat, "at": time.time()}).encode()
+
+
+def _tell_waiting(where: str, body: bytes) -> None:
+    """Say once, before waiting for a lease, whose it is and how long the wait can last."""
+    try:
+        owner = json.loads(body)["owner"]
+    except (ValueError, KeyError, TypeError):
+        owner = "an unknown process"
+    log.warning("lock %s is held by %s; waiting until it is released, or for up to %.0f s without renewal if its "
+                "holder died (then taking it over)", where, owner, LEASE_S)
 
 
 def _read_body(fs: Any, body: Any) -> bytes:

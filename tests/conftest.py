@@ -175,3 +175,10 @@ def s3_server(tmp_path_factory) -> Iterator[str]:
                     os.environ.pop(name, None)
                 else:
                     os.environ[name] = value
+
+
+@pytest.fixture
+def own_s3_server(tmp_path) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, str], str]]:
+    """A server of the test's own, which it may stop: the process, the AWS variables that reach it, the bucket."""
+    with weed_server(tmp_path / "weed") as (proc, env):
+        yield proc, env, S3_BUCKET

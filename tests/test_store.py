@@ -125,9 +125,11 @@ def test_kill_mid_write_leaves_no_trusted_artifact(store_root, tmp_path):
     store = Store(store_root)
     assert store.load("s", key) is None
     assert len(list((store.root / ".tmp").iterdir())) == 1  # the killed writer's staging dir, never trusted
+    assert "a run writing it stopped before committing it" in (store.incomplete("s", key) or "")  # what status says
     ref = store.materialize("s", key, INPUTS, _produce())
     assert not ref.cached and verify(Path(ref.path), key) is None
     assert list((store.root / ".tmp").iterdir()) == []  # the next writer of that key cleared it
+    assert store.incomplete("s", key) is None
 
 
 def _materialize_counting(root: str, key: str, counter: str) -> None:
