@@ -58,8 +58,8 @@ def test_commands_print_only_their_own_words_on_stderr(user_env, tmp_path):
     (tmp_path / "bad.png").write_text("not an image")
     predict = mnist_ae(user_env, "predict", "bad.png", cwd=tmp_path)
     assert predict.returncode == 1 and predict.stdout == ""
-    assert own_lines(predict.stderr) == [f"mnist-ae: no mnist champion in {tmp_path / 'store'}: run the pipeline "
-                                         "first"]
+    (line,) = own_lines(predict.stderr)
+    assert line.startswith("mnist-ae: ") and "champion" in line  # none yet
 
     np.savez(tmp_path / "tens.npz", x=np.zeros((5, 28, 28), np.uint8), y=np.full(5, 10, np.uint8))
     data_add = mnist_ae(user_env, "data", "add", "tens.npz", cwd=tmp_path)
