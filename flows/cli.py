@@ -306,6 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mnist-ae: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: 130 as for a shell's command ended by SIGINT
+        # The store publishes an artifact only once it is complete (tasks/store.py), so an interrupted stage left none.
+        kept = "; finished stages stay in the store, unfinished ones were not stored" \
+            if args.command in ("run", "study") else ""
+        print(f"mnist-ae: interrupted{kept}", file=sys.stderr)
+        return 130
     except Exception as exc:
         if not isinstance(exc, _user_errors()):
             raise
