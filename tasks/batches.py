@@ -103,10 +103,16 @@ def load_accepted(incoming: Path | None, hashes: tuple[str, ...]) -> tuple[np.nd
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files if k in ("x", "y")}
+            keys = [k for k in ("x", "y") if k in npz.files]
+            # Sizes from the .npy headers first: a small compressed file may unpack to gigabytes.
+            declared = {k: _declared_items(npz.zip, k) for k in keys}
+            arrays = {k: npz[k] for k in keys if declared[k] <= MAX_IMAGES}
             held = ", ".join(npz.files) or "none"
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"{path}: not a readable .npz ({exc})") from None
+    if too_many := [k for k in keys if declared[k] > MAX_IMAGES]:
+        raise DataError(f"{path}: {too_many[0]} declares {declared[too_many[0]]:,} rows, more than the "
+                        f"{MAX_IMAGES:,} images a batch may hold; split it")
     if missing := [k for k in ("x", "y") if k not in arrays]:
         raise DataError(f"{path}: no array {' or '.join(missing)} (it holds {held})")
     x, y = arrays["x"], arrays["y"]
@@ -119,6 +125,15 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
             raise DataError(f"{path}: {key} holds {array.dtype} values, expected numbers")
     idx.check_pair(x, y, f"{path} x", f"{path} y")
     return x, y
+
+
+def _declared_items(archive: zipfile.ZipFile, key: str) -> int:
+    """The length of the first axis that an array's .npy header declares, read without unpacking the array."""
+    with archive.open(f"{key}.npy") as file:
+        version = np.lib.format.read_magic(file)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape = read(file)[0]
+    return int(shape[0]) if shape else 1
 
 
 def _read_directory(path: Path) -> tuple[np.ndarray, np.ndarray]:
