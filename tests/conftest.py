@@ -131,7 +131,9 @@ def weed_server(home: Path) -> Iterator[tuple[subprocess.Popen[bytes], dict[str,
     env = {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret, "AWS_REGION": "us-east-1",
            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3}"}
     with (home / "weed.log").open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        # Without another server's credentials: weed takes AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY as an identity.
+        clean = {name: value for name, value in os.environ.items() if name not in S3_ENV}
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=clean)
         try:
             import s3fs
 
