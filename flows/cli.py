@@ -7,6 +7,7 @@ import argparse
 import gc
 import getpass
 import json
+import logging
 import os
 import shutil
 import sys
@@ -38,15 +39,49 @@ from tasks.store import ArtifactError, Store, StoreError
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors whose message tells the user what is wrong and where; anything else is a bug and keeps its traceback.
 
-    Imported when needed: the stage modules import Keras and Great Expectations, which `run` and `study` import
-    only once Prefect's temporary server is starting (`flows.server`).
+    The stage modules' errors count once their module is loaded: an error of a module never imported was never
+    raised, and importing it here would load Keras and Great Expectations only to print one line.
     """
-    from tasks.graph import MissingUpstream
-    from tasks.models import ModelError, TrainingDiverged
-    from tasks.validate import ValidationFailed
+    errors: list[type[Exception]] = [RegistryError, DataError, FileNotFoundError, StoreError, ArtifactError,
+                                      HistoryError, ServerError]
+    for module, names in _STAGE_ERRORS.items():
+        if loaded := sys.modules.get(module):
+            errors += [getattr(loaded, name) for name in names]
+    return tuple(errors)
 
-    return (RegistryError, MissingUpstream, DataError, ValidationFailed, FileNotFoundError, StoreError,
-            ArtifactError, HistoryError, ModelError, TrainingDiverged, ServerError)
+
+_STAGE_ERRORS = {"tasks.graph": ("MissingUpstream",), "tasks.models": ("ModelError", "TrainingDiverged"),
+                 "tasks.validate": ("ValidationFailed",)}
+
+
+class _BriefUserErrors(logging.Formatter):
+    """Prefect's console format, without the traceback of a user error: the command ends with its one line, and
+    Prefect's run log (the UI, `prefect flow-run logs`) keeps the traceback."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not (record.exc_info and isinstance(record.exc_info[1], _user_errors())):
+            return self.inner.format(record)
+        saved = record.exc_info, record.exc_text
+        record.exc_info = record.exc_text = None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text = saved
+
+
+def _brief_console() -> None:
+    """Prefect's console handlers print user errors without their traceback (call once Prefect's logging is set up)."""
+    from prefect.logging.configuration import ensure_logging_setup
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    ensure_logging_setup()
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter, _BriefUserErrors):
+            handler.setFormatter(_BriefUserErrors(handler.formatter or logging.Formatter()))
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -130,6 +165,7 @@ def _run(args: argparse.Namespace) -> int:
     Store(config.store).check_writable()  # before Prefect starts its server
     Registry(config.store, config.data.dataset).champion()  # an unreadable registry would fail only after training
     server = TemporaryServer().start()
+    _brief_console()
     from flows.pipeline import pipeline
 
     with server.api():
@@ -153,6 +189,7 @@ def _study(args: argparse.Namespace) -> int:
     check_study(config)  # fail on a bad value before any work
     Store(config.store).check_writable()  # before Prefect starts its server
     server = TemporaryServer().start()
+    _brief_console()
     from flows.study import label_study
 
     with server.api():

@@ -68,6 +68,16 @@ def test_commands_print_only_their_own_words_on_stderr(user_env, tmp_path):
     assert own_lines(data_add.stderr) == []
 
 
+def test_a_user_error_inside_the_flow_is_one_line_without_prefects_traceback(user_env, tmp_path):
+    """Prefect logs a failed flow's exception with its traceback; for the product's own errors the terminal gets the
+    command's line, and Prefect's run log keeps the rest."""
+    missing = mnist_ae(user_env, "run", "--profile", "quick", "--only", "finetune", cwd=tmp_path)
+    assert missing.returncode == 1
+    lines = own_lines(missing.stderr)
+    assert lines[-1].startswith("mnist-ae: finetune needs stages that are not in "), missing.stderr
+    assert any("Encountered exception during execution: MissingUpstream" in line for line in lines)
+
+
 def test_a_user_who_chose_a_log_level_sees_tensorflow_lines(user_env, tmp_path):
     shown = mnist_ae({**user_env, "TF_CPP_MIN_LOG_LEVEL": "0"}, "status", cwd=tmp_path)
     assert shown.returncode == 0
