@@ -3,11 +3,8 @@
 import logging
 import os
 
+# Imported first: it reads whether the user chose TensorFlow's log level before the default below is set.
 from flows.tf_logs import hide_tf_logs, not_retracing
-
-# A level the user chose for TensorFlow's C++ logs is theirs; otherwise the command line and deployment runs keep
-# its log lines off stderr (flows.tf_logs). Read before the default below is set.
-TF_LOG_LEVEL_CHOSEN = "TF_CPP_MIN_LOG_LEVEL" in os.environ
 
 # Route the plain `tasks` package's log records into Prefect's run logs, and keep TensorFlow's C++ chatter down.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")

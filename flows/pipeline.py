@@ -26,6 +26,7 @@ from flows.stages import (
     take_in,
     validate,
 )
+from tasks import graph
 from tasks.config import Stage, check_stages, load_config
 
 
@@ -53,6 +54,7 @@ def pipeline(
     started = time.monotonic()
     config = load_config(profile, overrides or {}, store)
     check_stages(config, stages or [], force or [])
+    graph.check_config(config)
     # New batches are validated before any key is planned, so the data artifact's key covers exactly the accepted
     # ones and a quarantined batch never reaches training. A run that takes the data from the store validates none.
     batches = take_in(config, "download" in (stages or config.stages)) if config.data.incoming else None

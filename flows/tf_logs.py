@@ -26,6 +26,9 @@ import sys
 LOG_LINE = re.compile(rb"[IWE]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\] "
                       rb"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IWE] \S+:\d+\] "
                       rb"|WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR\r?$")
+# A level the user chose for TensorFlow's C++ logs is theirs; otherwise the command line and deployment runs keep
+# its log lines off stderr. Read when `flows` is imported, before it sets its default.
+TF_LOG_LEVEL_CHOSEN = "TF_CPP_MIN_LOG_LEVEL" in os.environ
 QUIET_S = 0.1  # an unfinished line still unfinished after this long is meant as it is (a prompt, a progress bar)
 
 
@@ -35,9 +38,7 @@ def hide_tf_logs() -> None:
 
     Call before TensorFlow is imported. Child processes inherit the filtered stderr.
     """
-    import flows
-
-    if flows.TF_LOG_LEVEL_CHOSEN or sys.stderr is None:
+    if TF_LOG_LEVEL_CHOSEN or sys.stderr is None:
         return
     try:
         terminal = os.dup(2)

@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from tasks import baselines, download, evaluate, finetune, pretrain, report, validate
-from tasks.config import PipelineConfig, Stage
+from tasks.config import ConfigError, PipelineConfig, Stage
 from tasks.contract import Contract
 from tasks.models import Progress
 from tasks.store import ABSENT, ArtifactRef, Store, key_of
@@ -43,12 +43,13 @@ def upstream_of(config: PipelineConfig, stage: str) -> tuple[Stage, ...]:
     return tuple(s for s in config.stages if s in CONTRACTS[stage].upstream)
 
 
-def check_graph(stages: tuple[str, ...]) -> None:
+def check_config(config: PipelineConfig) -> None:
     """Every stage reads only stages that run before it; the report alone may do without some of them."""
-    for stage in stages:
+    for stage in config.stages:
         optional = stage == "report"
-        if missing := [s for s in CONTRACTS[stage].upstream if s not in stages and not optional]:
-            raise ValueError(f"stage {stage} needs {', '.join(missing)}")
+        if missing := [s for s in CONTRACTS[stage].upstream if s not in config.stages and not optional]:
+            raise ConfigError(f"invalid configuration: stages: stage {stage} needs {', '.join(missing)} "
+                              f"(got {list(config.stages)})")
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class Step:
 
 def plan(config: PipelineConfig, store: Store) -> list[Step]:
     """Keys of every stage the config runs, in order, and whether each is already stored."""
+    check_config(config)
     shared = shared_settings(config)
     keys: dict[str, str] = {}
     steps = []

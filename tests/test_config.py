@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from tasks.config import PROFILES, ConfigError, load_config, parse_overrides
@@ -48,7 +51,6 @@ def test_config_is_frozen():
         ("evaluate.confidence=1.5", "evaluate.confidence"),
         ("finetune.lr=0.1", "finetune.lr"),
         ("store=gs://bucket/x", "store"),
-        ('stages=["download", "pretrain"]', "stages"),
         (f"data.incoming={__file__}", "data.incoming"),
         ("validate.drift_max_distance=0", "validate.drift_max_distance"),
     ],
@@ -78,3 +80,18 @@ def test_inconsistent_values_fail_before_any_work(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config("default", overrides)
     load_config("default", ["data.validation_size=0"])  # no early stopping there, so no validation split needed
+
+
+def test_a_stage_without_what_it_reads_is_named_by_the_pipeline():
+    from tasks.graph import check_config
+
+    config = load_config("quick", ['stages=["download", "pretrain"]'])  # the config alone knows no contracts
+    with pytest.raises(ConfigError, match="stages: stage pretrain needs validate"):
+        check_config(config)
+
+
+def test_loading_a_config_imports_no_stage_code():
+    code = ("import sys; from tasks.config import load_config; load_config('quick', ['stages=[\"download\"]']); "
+            "print(sorted(m for m in sys.modules if m.startswith(('keras', 'tensorflow', 'tasks.'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['tasks.config']"
