@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from tasks import baselines, download, finetune, pretrain
 from tasks.config import PipelineConfig, load_config, parse_overrides
-from tasks.data import load_splits
-from tasks.evaluate import mcnemar_exact, predict_with
-from tasks.store import write_manifest
+from tasks.data.splits import load_splits
+from tasks.stages import baselines, download, finetune, pretrain
+from tasks.stages.evaluate import mcnemar_exact, predict_with
+from tasks.store.artifacts import write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,7 @@
 One invocation, each variant in a fresh process (Keras seeding and TensorFlow's op determinism are process-wide),
 on the 55,000 training images at batch 256, as the `seed` profile pretrains:
 
-- `pipeline`: `tasks.pretrain.run`, exactly as the stage runs (its input pipeline, callbacks, history);
+- `pipeline`: `tasks.stages.pretrain.run`, exactly as the stage runs (its input pipeline, callbacks, history);
 - `bare`: `keras.Model.fit` of the same network, optimizer, compile settings (32 steps per call, no XLA, op
   determinism on) and validation data, fed by the textbook `tf.data` pipeline (shuffle, batch, prefetch);
 - `xla`: `bare` compiled with XLA (op determinism off, since Keras turns XLA off under it);
@@ -87,7 +87,7 @@ def measure_torch(compiled: bool, epochs: int, data_dir: Path) -> list[float]:
     import torch
 
     from tasks.config import load_config
-    from tasks.data import load_splits
+    from tasks.data.splits import load_splits
 
     config = load_config("seed")
     data = load_splits(data_dir, config.data.split())
@@ -136,9 +136,10 @@ def measure(variant: str, epochs: int, data_dir: Path) -> dict[str, float]:
     import keras
     import tensorflow as tf
 
-    from tasks import models, pretrain
     from tasks.config import load_config
-    from tasks.data import load_splits
+    from tasks.data.splits import load_splits
+    from tasks.ml import models
+    from tasks.stages import pretrain
 
     config = load_config("seed", {"pretrain.epochs": epochs})
     if variant == "pipeline":
@@ -189,8 +190,8 @@ def main() -> None:
         print(json.dumps(child))
         return
 
-    from tasks import download
     from tasks.config import load_config
+    from tasks.stages import download
 
     variants = VARIANTS + (TORCH_VARIANTS if has_torch() else ())
     results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}

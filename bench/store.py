@@ -23,9 +23,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tasks import download
 from tasks.config import load_config
-from tasks.store import Store, key_of
+from tasks.stages import download
+from tasks.store.artifacts import Store, key_of
 
 
 def timed(action: Callable[[], object]) -> float:

@@ -30,10 +30,10 @@ from tasks.config import (
     load_config,
     parse_overrides,
 )
-from tasks.history import HistoryError
-from tasks.idx import DataError
-from tasks.registry import Registry, RegistryError
-from tasks.store import ArtifactError, Store, StoreError
+from tasks.data.idx import DataError
+from tasks.runs.history import HistoryError
+from tasks.runs.registry import Registry, RegistryError
+from tasks.store.artifacts import ArtifactError, Store, StoreError
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -50,8 +50,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return tuple(errors)
 
 
-_STAGE_ERRORS = {"tasks.graph": ("MissingUpstream",), "tasks.models": ("ModelError", "TrainingDiverged"),
-                 "tasks.validate": ("ValidationFailed",)}
+_STAGE_ERRORS = {"tasks.pipeline.graph": ("MissingUpstream",), "tasks.ml.models": ("ModelError", "TrainingDiverged"),
+                 "tasks.stages.validate": ("ValidationFailed",)}
 
 
 class _BriefUserErrors(logging.Formatter):
@@ -205,7 +205,8 @@ def _study(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from tasks import graph, intake
+    from tasks.data import intake
+    from tasks.pipeline import graph
 
     config = _config(args)
     store = Store(config.store)
@@ -227,7 +228,7 @@ def _who() -> str:
 
 
 def _promote(args: argparse.Namespace) -> int:
-    from tasks.publish import stored_candidates
+    from tasks.runs.publish import stored_candidates
 
     registry = _registry(args, write=True)
     # Models evaluated in the store but never judged (their run failed while publishing) count too.
@@ -252,7 +253,7 @@ def _rollback(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from tasks.predict import predict
+    from tasks.serve.predict import predict
 
     registry = _registry(args)
     model = registry.champion_model()  # verified against its artifact's manifest
@@ -284,8 +285,8 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _data_add(args: argparse.Namespace) -> int:
-    from tasks.batches import check_name, read_batch
-    from tasks.intake import check
+    from tasks.data.batches import check_name, read_batch
+    from tasks.data.intake import check
 
     config = _config(args)
     incoming = _incoming(config)
@@ -318,7 +319,7 @@ def _data_add(args: argparse.Namespace) -> int:
 
 
 def _data_list(args: argparse.Namespace) -> int:
-    from tasks.intake import listing
+    from tasks.data.intake import listing
 
     config = _config(args)
     incoming = _incoming(config)
@@ -344,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mnist-ae: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: 130 as for a shell's command ended by SIGINT
-        # The store publishes an artifact only once it is complete (tasks/store.py), so an interrupted stage left none.
+        # The store publishes an artifact only once it is complete (tasks/store/artifacts.py), so an interrupted
+        # stage left none.
         kept = "; finished stages stay in the store, unfinished ones were not stored" \
             if args.command in ("run", "study") else ""
         print(f"mnist-ae: interrupted{kept}", file=sys.stderr)

@@ -26,8 +26,8 @@ from flows.stages import (
     take_in,
     validate,
 )
-from tasks import graph
 from tasks.config import Stage, check_stages, load_config
+from tasks.pipeline import graph
 
 
 @flow(name="mnist-ae-pipeline", flow_run_name=run_name)

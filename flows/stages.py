@@ -24,12 +24,14 @@ from prefect.states import Completed, State
 from prefect.tasks import Task, exponential_backoff
 from pydantic import BaseModel
 
-from tasks import graph, intake, publish
 from tasks.config import PipelineConfig, Stage
-from tasks.download import NetworkError
-from tasks.intake import Intake
-from tasks.models import EpochEnd, Progress
-from tasks.store import ArtifactRef, Store
+from tasks.data import intake
+from tasks.data.intake import Intake
+from tasks.ml.models import EpochEnd, Progress
+from tasks.pipeline import graph
+from tasks.runs import publish
+from tasks.stages.download import NetworkError
+from tasks.store.artifacts import ArtifactRef, Store
 
 REPORT_ARTIFACT = "mnist-ae-report"
 ACCURACY_ARTIFACT = "mnist-ae-accuracy"

@@ -14,11 +14,13 @@ from prefect.states import Completed, State
 
 from flows.runners import Runner, running_on, task_runner
 from flows.stages import PipelineRun, download, pretrain, validate
-from tasks import graph, study, study_report
 from tasks.config import PipelineConfig, SplitSpec, Stage, StudyConfig, check_study, load_config
-from tasks.data import load_splits
+from tasks.data.splits import load_splits
 from tasks.document import BLOCKS_FILE, Image, load_blocks, to_markdown
-from tasks.store import ArtifactRef, Store, key_of
+from tasks.pipeline import graph
+from tasks.store.artifacts import ArtifactRef, Store, key_of
+from tasks.study import cells as study
+from tasks.study import report as study_report
 
 STUDY_ARTIFACT = "mnist-ae-study"
 STUDY_TABLE_ARTIFACT = "mnist-ae-study-accuracy"

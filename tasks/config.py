@@ -38,7 +38,7 @@ STUDY_MIN_BUDGET = 10  # one label per class
 
 
 class SplitSpec(TypedDict):
-    """`DataConfig.split()`: the keyword arguments of `tasks.data.split`."""
+    """`DataConfig.split()`: the keyword arguments of `tasks.data.splits.split`."""
 
     validation_size: int
     train_size: int | None
@@ -66,7 +66,7 @@ class DataConfig(_Section):
                                   description=f"Directory where labeled batches arrive; env {INCOMING_ENV}.")
     batches: tuple[str, ...] = Field(
         default=(), description="Content hashes of the accepted incoming batches the training data includes; each "
-                                "run sets them from the batches it accepted (tasks/intake.py), not by hand.")
+                                "run sets them from the batches it accepted (tasks/data/intake.py), not by hand.")
 
     @field_validator("mirror")
     @classmethod
@@ -241,8 +241,8 @@ class PipelineConfig(_Section):
     @field_validator("stages")
     @classmethod
     def _in_pipeline_order(cls, v: tuple[Stage, ...]) -> tuple[Stage, ...]:
-        # Whether each stage finds what it reads is the pipeline's check (`tasks.graph.check_config`): the stages'
-        # contracts say it, and the config imports no stage code.
+        # Whether each stage finds what it reads is the pipeline's check (`tasks.pipeline.graph.check_config`): the
+        # stages' contracts say it, and the config imports no stage code.
         return tuple(s for s in STAGES if s in v)
 
 

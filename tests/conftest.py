@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.data import Dataset
+from tasks.data.splits import Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 S3_BUCKET = "mnist-ae-test"

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.batches import content_hash, entries, load_accepted, read_batch
 from tasks.config import ValidateConfig
-from tasks.idx import DataError, encode_idx
-from tasks.predict import prepare
-from tasks.validate import ValidationFailed, reference, summarize_batch, validate_batch
+from tasks.data.batches import content_hash, entries, load_accepted, read_batch
+from tasks.data.idx import DataError, encode_idx
+from tasks.serve.predict import prepare
+from tasks.stages.validate import ValidationFailed, reference, summarize_batch, validate_batch
 
 
 def test_npz_and_idx_pair_of_the_same_digits_are_the_same_batch(mnist, tmp_path):

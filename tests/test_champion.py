@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from flows.cli import main as cli
-from tasks.registry import Registry
-from tasks.store import Store, key_of
+from tasks.runs.registry import Registry
+from tasks.store.artifacts import Store, key_of
 
 
 def constant_model(digit: int):

@@ -83,7 +83,7 @@ def test_inconsistent_values_fail_before_any_work(overrides, message):
 
 
 def test_a_stage_without_what_it_reads_is_named_by_the_pipeline():
-    from tasks.graph import check_config
+    from tasks.pipeline.graph import check_config
 
     config = load_config("quick", ['stages=["download", "pretrain"]'])  # the config alone knows no contracts
     with pytest.raises(ConfigError, match="stages: stage pretrain needs validate"):

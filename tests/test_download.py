@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks import download
 from tasks.config import DataConfig
-from tasks.data import load_dataset
-from tasks.download import (
+from tasks.data.splits import load_dataset
+from tasks.stages import download
+from tasks.stages.download import (
     DEFAULT_MIRRORS,
     KERAS_MNIST_SHA256,
     PAYLOAD_SHA256,

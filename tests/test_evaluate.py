@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks import evaluate
 from tasks.config import EvaluateConfig
-from tasks.data import save_dataset
-from tasks.models import ModelError
-from tasks.store import ArtifactError, write_manifest
+from tasks.data.splits import save_dataset
+from tasks.ml.models import ModelError
+from tasks.stages import evaluate
+from tasks.store.artifacts import ArtifactError, write_manifest
 
 SPLIT = {"validation_size": 500, "train_size": 2500, "test_size": 1000}
 
@@ -132,7 +132,7 @@ def trained(mnist_head, tmp_path_factory):
         import keras
         from keras import layers
 
-        from tasks.data import load_splits
+        from tasks.data.splits import load_splits
 
         data_dir = root / "download"
         data_dir.mkdir(parents=True)

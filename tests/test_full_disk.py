@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.store import Store, key_of
+from tasks.store.artifacts import Store, key_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def _report(**fields: object) -> None:
 def rollback_on_a_full_disk(disk: str) -> None:
     """Two champions, a full disk, then `mnist-ae rollback`."""
     from flows.cli import main
-    from tasks.registry import Registry
+    from tasks.runs.registry import Registry
 
     store = Store(Path(disk) / "store")
     registry = Registry(store.url)
@@ -108,7 +108,7 @@ def test_a_stage_on_a_full_disk_is_one_line_and_keeps_no_partial_copy(tmp_path, 
 
 def staged_on_a_full_disk(disk: str) -> None:
     """A directory built in the store (as a run's report is) that does not fit, and a stage's output that does not."""
-    from tasks.store import StoreError
+    from tasks.store.artifacts import StoreError
 
     store = Store(Path(disk) / "store")
     errors = []

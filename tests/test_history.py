@@ -9,7 +9,7 @@ import multiprocessing
 import pytest
 from PIL import Image
 
-from tasks import history
+from tasks.runs import history
 
 
 def run_record(i: int, pretrained: float = 0.97, **extra) -> dict:
@@ -45,7 +45,7 @@ def test_torn_last_line_is_skipped_with_a_warning(store_root, caplog):
     path = store_root / "history" / "runs.jsonl"
     with path.open("a") as fh:
         fh.write(json.dumps(run_record(1))[:40])  # a writer killed mid-line
-    with caplog.at_level(logging.WARNING, logger="tasks.history"):
+    with caplog.at_level(logging.WARNING, logger="tasks.runs.history"):
         assert [r["flow_run_id"] for r in history.read(store_root)] == ["run-0"]
     assert "line 2" in caplog.text
 
@@ -142,7 +142,7 @@ def test_lines_of_the_wrong_shape_are_skipped_in_one_warning(store_root, caplog)
     with path.open("a") as fh:
         fh.write('[1, 2]\n"text"\n{"accuracy": 5}\n{"stages": []}\n\x00\xff garbage\n')
     history.append(store_root, run_record(1))
-    with caplog.at_level(logging.WARNING, logger="tasks.history"):
+    with caplog.at_level(logging.WARNING, logger="tasks.runs.history"):
         records = history.read(store_root)
     assert [r["flow_run_id"] for r in records] == ["run-0", "run-1"]
     assert history.trend(records) == "flat" and len(history.trend_table(records)) == 2

@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from tasks.idx import (
+from tasks.data.idx import (
     IMAGES_MAGIC,
     DataError,
     check_pair,

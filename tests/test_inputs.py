@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tasks.inputs import shifted, steps_per_epoch, training_batches
+from tasks.ml.inputs import shifted, steps_per_epoch, training_batches
 
 
 def _take(dataset: tf.data.Dataset, count: int) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -16,8 +16,8 @@ from PIL import Image, ImageFilter
 
 from flows.cli import main as cli
 from flows.tf_logs import LOG_LINE
-from tasks.batches import read_batch
-from tasks.idx import encode_idx
+from tasks.data.batches import read_batch
+from tasks.data.idx import encode_idx
 
 CLAIMED = 2**31  # images a bomb's header declares
 UNPACKED_MB = 2100  # zeros after its header: a 2 MB file that unpacks to 2.1 GB
@@ -116,7 +116,7 @@ def test_data_add_refuses_a_bomb_without_unpacking_it(tmp_path, incoming, make, 
     assert named.stat().st_size < 8 << 20
     # A fresh process (a child's ru_maxrss counts this test process's memory too). The modules the command imports
     # are loaded before its peak resident memory is taken, so the growth is what reading the bomb cost.
-    code = ("import re, sys; from flows.cli import _user_errors, main; import tasks.intake; _user_errors(); "
+    code = ("import re, sys; from flows.cli import _user_errors, main; import tasks.data.intake; _user_errors(); "
             "peak = lambda: int(re.search(r'VmHWM:\\s*(\\d+) kB', open('/proc/self/status').read())[1]); "
             "before = peak(); code = main(sys.argv[1:]); print(peak() - before); sys.exit(code)")
     done = subprocess.run([sys.executable, "-c", code, "data", "add", str(bomb), *store_args(tmp_path)],

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tasks.config import PretrainConfig, TrainConfig, load_config
-from tasks.models import (
+from tasks.ml.models import (
     LastBatchLoss,
     TF1RMSprop,
     TrainingDiverged,

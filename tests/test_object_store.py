@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks import history, objects
-from tasks.registry import Registry, RegistryError
-from tasks.store import ABSENT, Conflict, Store, StoreError, key_of, sha256_file
+from tasks.runs import history
+from tasks.runs.registry import Registry, RegistryError
+from tasks.store import objects
+from tasks.store.artifacts import ABSENT, Conflict, Store, StoreError, key_of, sha256_file
 
 INPUTS = {"stage": "s", "code_version": "c1", "config": {"lr": 0.5}, "upstream": {}}
 KEY = key_of(INPUTS)
@@ -105,7 +106,7 @@ def test_a_damaged_object_is_detected_and_recomputed(url, monkeypatch, tmp_path,
     expected = {"rewrite": "checksum mismatch in", "truncate": "size mismatch in", "delete": "missing file"}[damage]
     assert other.problem("s", KEY) == f"{expected} sub/more.bin"
     assert not other.path("s", KEY).exists()  # nothing unverified reaches the cache
-    with caplog.at_level(logging.WARNING, logger="tasks.store"):
+    with caplog.at_level(logging.WARNING, logger="tasks.store.artifacts"):
         ref = other.materialize("s", KEY, INPUTS, _produce)
     assert not ref.cached and "damaged" in caplog.text
     _fresh_cache(monkeypatch, tmp_path)

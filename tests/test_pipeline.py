@@ -28,11 +28,13 @@ from flows.cli import main as cli
 from flows.pipeline import pipeline
 from flows.stages import ACCURACY_ARTIFACT, REPORT_ARTIFACT, StageContext
 from flows.stages import download as download_task
-from tasks import download, graph, history
 from tasks.config import load_config
-from tasks.graph import MissingUpstream
-from tasks.registry import Registry, RegistryError
-from tasks.store import Store
+from tasks.pipeline import graph
+from tasks.pipeline.graph import MissingUpstream
+from tasks.runs import history
+from tasks.runs.registry import Registry, RegistryError
+from tasks.stages import download
+from tasks.store.artifacts import Store
 
 ALL = ["download", "validate", "pretrain", "finetune", "baselines", "evaluate", "report"]
 
@@ -325,7 +327,7 @@ def test_two_concurrent_runs_on_one_store_both_finish(tmp_path, mnist_mirror):
     for stage in ("download", "validate", "pretrain"):
         artifacts = list((store / stage).iterdir())
         assert len(artifacts) == 1
-        from tasks.store import verify
+        from tasks.store.artifacts import verify
 
         assert verify(artifacts[0], artifacts[0].name) is None
 
@@ -349,7 +351,7 @@ def test_a_temporary_server_that_cannot_start_is_one_line_and_writes_nothing(tmp
 def _digit_pngs(mnist_mirror: Path, directory: Path, count: int) -> tuple[list[Path], list[int]]:
     from PIL import Image
 
-    from tasks.idx import parse_images, parse_labels, read_payload
+    from tasks.data.idx import parse_images, parse_labels, read_payload
 
     images = parse_images(read_payload(mnist_mirror / "t10k-images-idx3-ubyte.gz"), "t10k-images")
     labels = parse_labels(read_payload(mnist_mirror / "t10k-labels-idx1-ubyte.gz"), "t10k-labels")
@@ -440,7 +442,7 @@ def user_errors(err: str) -> list[str]:
 
 def stored_model(root: Path, model) -> tuple[str, Path]:
     """Save a Keras model as a fine-tuned model artifact with a valid manifest; return its key and path."""
-    from tasks.store import write_manifest
+    from tasks.store.artifacts import write_manifest
 
     key = "f" * 64
     directory = root / "finetune" / key
@@ -538,7 +540,7 @@ def test_predict_small_cases_in_one_line_each_and_strict_json(first, store, tmp_
     lines = captured.err.splitlines()
     assert captured.out == "" and len(lines) == 2
     assert lines[0].startswith(f"{huge}: error: ") and lines[1].startswith(f"{tiff}: error: ")
-    assert not [r for r in caplog.records if r.name == "tasks.predict" and r.levelno >= logging.WARNING]
+    assert not [r for r in caplog.records if r.name == "tasks.serve.predict" and r.levelno >= logging.WARNING]
 
 
 def test_a_diverging_run_fails_in_one_line_and_caches_nothing(first, store, capsys):

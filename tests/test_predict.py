@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.models import ModelError
-from tasks.predict import MAX_PIXELS, ImageError, Prediction, predict, prepare
-from tasks.store import write_manifest
+from tasks.ml.models import ModelError
+from tasks.serve.predict import MAX_PIXELS, ImageError, Prediction, predict, prepare
+from tasks.store.artifacts import write_manifest
 
 FORMS = ("rgb_100px", "inverted_jpeg", "rgba_transparent", "uint16", "offcentre_canvas")
 

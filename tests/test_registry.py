@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from tasks.config import PromoteConfig
-from tasks.registry import Registry, RegistryError, decide, mcnemar_exact
-from tasks.store import write_manifest
+from tasks.runs.registry import Registry, RegistryError, decide, mcnemar_exact
+from tasks.store.artifacts import write_manifest
 
 CFG = PromoteConfig()
 WRONG_10 = np.zeros(10, bool)  # a softmax baseline wrong on every example, which any useful challenger beats

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from tasks import document, evaluate, report
+from tasks import document
 from tasks.config import ReportConfig, load_config
+from tasks.stages import evaluate, report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 N_TEST = 10_000

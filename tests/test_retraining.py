@@ -19,9 +19,9 @@ import pytest
 
 from flows.cli import main as cli
 from flows.pipeline import pipeline
-from tasks.data import load_dataset
-from tasks.idx import encode_idx
-from tasks.registry import Registry
+from tasks.data.idx import encode_idx
+from tasks.data.splits import load_dataset
+from tasks.runs.registry import Registry
 
 ALL = ["download", "validate", "pretrain", "finetune", "baselines", "evaluate", "report"]
 CLEAN = slice(55000, 56000)  # far beyond the quick profile's 500 held-out and 3,000 training images
@@ -81,7 +81,7 @@ def second(added, places) -> tuple[dict, list[logging.LogRecord]]:
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger("tasks.intake")
+    logger = logging.getLogger("tasks.data.intake")
     logger.addHandler(handler)
     try:
         return run(places), records

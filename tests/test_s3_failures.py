@@ -14,9 +14,10 @@ import uuid
 from pathlib import Path
 
 from flows.cli import main as cli
-from tasks import graph, objects
 from tasks.config import load_config
-from tasks.store import Store
+from tasks.pipeline import graph
+from tasks.store import objects
+from tasks.store.artifacts import Store
 
 
 def test_a_server_gone_mid_run_ends_it_with_one_line(own_s3_server, tmp_path, mnist_mirror, monkeypatch):
@@ -66,9 +67,9 @@ def test_a_run_waiting_for_a_killed_runs_lock_says_so_before_waiting(s3_server, 
     os.kill(holder.pid, signal.SIGKILL)  # as `kill -9` of a run: its lease stays behind
     holder.join()
     monkeypatch.setattr(objects, "LEASE_S", 2.0)
-    with caplog.at_level(logging.INFO, logger="tasks.objects"):
+    with caplog.at_level(logging.INFO, logger="tasks.store.objects"):
         assert cli(["rollback", "--store", url]) == 1  # an empty registry: nothing to roll back, once it has the lock
-    waiting, took_over = (r.getMessage() for r in caplog.records if r.name == "tasks.objects")
+    waiting, took_over = (r.getMessage() for r in caplog.records if r.name == "tasks.store.objects")
     assert waiting.startswith(f"lock {url}/.locks/registry-mnist.lock is held by {socket.gethostname()}:{holder.pid}:")
     assert waiting.endswith("; waiting until it is released, or for up to 2 s without renewal if its holder died "
                             "(then taking it over)")

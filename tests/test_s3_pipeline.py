@@ -21,10 +21,10 @@ from PIL import Image
 
 from flows.cli import main as cli
 from flows.pipeline import pipeline
-from tasks import history
 from tasks.config import parse_overrides
-from tasks.registry import Registry
-from tasks.store import Store
+from tasks.runs import history
+from tasks.runs.registry import Registry
+from tasks.store.artifacts import Store
 
 OVERRIDES = ["data.test_size=1000"]
 SETTINGS = ["--profile", "quick", *(arg for o in OVERRIDES for arg in ("--set", o))]

@@ -7,8 +7,8 @@ import json
 import keras
 import pytest
 
-from tasks import download, pretrain, report
 from tasks.config import DataConfig, load_config
+from tasks.stages import download, pretrain, report
 
 EPOCHS = len(report.NOTEBOOK_PRETRAIN_LOSS)  # 36: as far as the notebook's log goes
 STALL_EPOCHS = 8

@@ -16,7 +16,7 @@ import httpx
 import psutil
 import pytest
 
-from tasks.store import verify
+from tasks.store.artifacts import verify
 
 T = TypeVar("T")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.store import ArtifactError, Store, StoreError, key_of, verified_file, verify, write_json_atomic
+from tasks.store.artifacts import ArtifactError, Store, StoreError, key_of, verified_file, verify, write_json_atomic
 
 INPUTS = {"stage": "s", "code_version": "c1", "config": {"lr": 0.5}, "upstream": {"a": "k1"}}
 
@@ -74,7 +74,7 @@ def test_damaged_artifact_is_recomputed_with_a_warning(store_root, caplog, damag
     else:
         (path / "manifest.json").write_text('{"key": ')
     assert verify(path, key) is not None
-    with caplog.at_level(logging.WARNING, logger="tasks.store"):
+    with caplog.at_level(logging.WARNING, logger="tasks.store.artifacts"):
         ref = store.materialize("s", key, INPUTS, _produce("again"))
     assert not ref.cached
     assert (path / "result.txt").read_text() == "again"

@@ -10,10 +10,12 @@ import keras
 import numpy as np
 import pytest
 
-from tasks import pretrain, study, study_report
 from tasks.config import ConfigError, check_study, load_config
-from tasks.data import Dataset, save_dataset
-from tasks.store import Store
+from tasks.data.splits import Dataset, save_dataset
+from tasks.stages import pretrain
+from tasks.store.artifacts import Store
+from tasks.study import cells as study
+from tasks.study import report as study_report
 
 TRAIN_SPLIT = slice(5000, None)  # the default split's training images; the first 5,000 are held out
 
@@ -156,7 +158,7 @@ def on_dask(prefect_api, tmp_path_factory, mnist_mirror):
 
 
 def test_quick_grid_on_dask_reuses_the_pipelines_artifacts_and_reports(on_dask):
-    from tasks import graph
+    from tasks.pipeline import graph
 
     store = Store(on_dask["store"])
     planned = {s.stage: s.key for s in graph.plan(load_config("quick", GRID, str(store.root)), store)}
@@ -172,8 +174,9 @@ def test_quick_grid_on_dask_reuses_the_pipelines_artifacts_and_reports(on_dask):
 
 
 def test_the_pipelines_run_report_names_the_latest_study(on_dask, tmp_path):
-    from tasks import document, publish
-    from tasks.store import ArtifactRef, write_manifest
+    from tasks import document
+    from tasks.runs import publish
+    from tasks.store.artifacts import ArtifactRef, write_manifest
 
     store = Store(on_dask["store"])
     stage_report = tmp_path / "report"

@@ -9,11 +9,11 @@ import keras
 import numpy as np
 import pytest
 
-from tasks import baselines, finetune, pretrain
 from tasks.config import load_config
-from tasks.data import Dataset, load_splits, save_dataset
-from tasks.models import build_classifier, extract_encoder, load_autoencoder
-from tasks.store import write_manifest
+from tasks.data.splits import Dataset, load_splits, save_dataset
+from tasks.ml.models import build_classifier, extract_encoder, load_autoencoder
+from tasks.stages import baselines, finetune, pretrain
+from tasks.store.artifacts import write_manifest
 
 SPLIT = {"validation_size": 500, "train_size": 3000, "test_size": 1000}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks import download
 from tasks.config import DataConfig, ValidateConfig
-from tasks.data import Dataset
-from tasks.validate import EXPECTED_ROWS, ValidationFailed, run, summarize, validate_frame
+from tasks.data.splits import Dataset
+from tasks.stages import download
+from tasks.stages.validate import EXPECTED_ROWS, ValidationFailed, run, summarize, validate_frame
 
 SMALL = {"train": 2000, "test": 500}
 CFG = ValidateConfig()

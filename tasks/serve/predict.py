@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from tasks.evaluate import as_probabilities, check_finite
+from tasks.stages.evaluate import as_probabilities, check_finite
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def frame(ink: np.ndarray) -> np.ndarray:
 
 def predict(model_path: Path, image_paths: list[Path]) -> list[Prediction]:
     """Predict the digit of every image with the saved Keras model; a bad file gets an error, not an exception."""
-    from tasks.models import load_model  # Keras is imported only when a model is needed, so prepare() stays light
+    from tasks.ml.models import load_model  # Keras is imported only when a model is needed, so prepare() stays light
 
     model = load_model(Path(model_path), compile=False)  # predicting needs no optimizer or loss
     prepared: dict[int, np.ndarray] = {}

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from tasks.store import key_of
+from tasks.store.artifacts import key_of
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,8 @@ class Contract:
     writes: tuple[str, ...]  # files every artifact of the stage holds
     code: tuple[str, ...]  # modules whose source is the stage's code version
     after: tuple[str, ...] = ()  # stages that must have passed first (gates), though their files are not read
-    shared: tuple[str, ...] = ()  # run-wide settings it also depends on, by name (`tasks.graph.shared_settings`)
+    # Run-wide settings it also depends on, by name (`tasks.pipeline.graph.shared_settings`).
+    shared: tuple[str, ...] = ()
     keyed: tuple[str, ...] | None = None  # fields of the section that change its output; None: all of them
     progress: bool = False  # run() takes a per-epoch progress callback
 

@@ -11,9 +11,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from tasks.config import PretrainConfig, SplitSpec
-from tasks.contract import Contract
-from tasks.data import load_splits
-from tasks.models import (
+from tasks.data.splits import load_splits
+from tasks.ml.models import (
     AUTOENCODER_FILE,
     TENSORBOARD_DIR,
     TRAINING_CODE,
@@ -23,6 +22,7 @@ from tasks.models import (
     seed_everything,
     write_history,
 )
+from tasks.pipeline.contract import Contract
 
 log = logging.getLogger(__name__)
 

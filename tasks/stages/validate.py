@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from tasks import data_docs
 from tasks.config import ValidateConfig
-from tasks.contract import Contract
-from tasks.data import Dataset, load_dataset
+from tasks.data import data_docs
+from tasks.data.splits import Dataset, load_dataset
+from tasks.pipeline.contract import Contract
 
 if TYPE_CHECKING:
     from great_expectations.core.expectation_validation_result import ExpectationSuiteValidationResult
@@ -503,7 +503,7 @@ def run(cfg: ValidateConfig, data_dir: Path, dataset: str, out: Path) -> dict[st
     return summary
 
 
-# The drift settings judge new batches only (tasks/intake.py), not the data artifact, so they are not in its key.
+# The drift settings judge new batches only (tasks/data/intake.py), not the data artifact, so they are not in its key.
 CONTRACT = Contract(stage="validate", run=run, section="validate_", shared=("dataset",), reads={"data_dir": "download"},
                     keyed=("min_class_share", "max_class_share"), writes=(VALIDATION_FILE, DOCS_INDEX),
-                    code=(__name__, "tasks.data", "tasks.data_docs"))
+                    code=(__name__, "tasks.data.splits", "tasks.data.data_docs"))

@@ -20,10 +20,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from tasks.config import Init, Optimizer, SplitSpec, StudyConfig, StudyModel, TrainConfig
-from tasks.contract import Contract
-from tasks.data import load_splits
-from tasks.evaluate import as_probabilities, check_finite
-from tasks.models import (
+from tasks.data.splits import load_splits
+from tasks.ml.models import (
     NUM_CLASSES,
     TRAINING_CODE,
     build_ann,
@@ -35,6 +33,8 @@ from tasks.models import (
     seed_everything,
     write_history,
 )
+from tasks.pipeline.contract import Contract
+from tasks.stages.evaluate import as_probabilities, check_finite
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import numpy as np
 from scipy.stats import binomtest
 
 from tasks.config import EvaluateConfig, SplitSpec
-from tasks.contract import Contract
-from tasks.data import load_splits
+from tasks.data.splits import load_splits
+from tasks.pipeline.contract import Contract
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def as_probabilities(outputs: np.ndarray) -> tuple[np.ndarray, str]:
 
 def predict_with(path: Path, x: np.ndarray) -> tuple[np.ndarray, str]:
     """Load a `.keras` file safely and return its class probabilities on `x`."""
-    from tasks.models import load_model  # Keras is imported only when a model is needed
+    from tasks.ml.models import load_model  # Keras is imported only when a model is needed
 
     model = load_model(path, compile=False)  # predicting needs no optimizer, loss or compiled training step
     outputs = np.asarray(model.predict(x, batch_size=1024, verbose=0), dtype=np.float64)
@@ -185,7 +185,7 @@ def predict_with(path: Path, x: np.ndarray) -> tuple[np.ndarray, str]:
 
 def check_finite(outputs: np.ndarray, path: Path) -> None:
     """Refuse a model whose outputs hold NaN or infinity: its argmax would be an arbitrary class."""
-    from tasks.models import ModelError
+    from tasks.ml.models import ModelError
 
     bad = int(np.sum(~np.isfinite(outputs).all(axis=1)))
     if bad:
@@ -196,7 +196,7 @@ def check_finite(outputs: np.ndarray, path: Path) -> None:
 def run(cfg: EvaluateConfig, split: SplitSpec, data_dir: Path, finetune_dir: Path, baselines_dir: Path,
         out: Path) -> dict[str, Any]:
     """Evaluate the fine-tuned models (with the probe when there is one) and the baselines on the test split."""
-    from tasks.models import MODEL_FILES
+    from tasks.ml.models import MODEL_FILES
 
     dirs = {"finetune": Path(finetune_dir), "baselines": Path(baselines_dir)}
     paths = {name: dirs[stage] / file for name, (stage, file) in MODEL_FILES.items()}
@@ -205,7 +205,7 @@ def run(cfg: EvaluateConfig, split: SplitSpec, data_dir: Path, finetune_dir: Pat
 
 CONTRACT = Contract(stage="evaluate", run=run, section="evaluate", shared=("split",),
                     reads={"data_dir": "download", "finetune_dir": "finetune", "baselines_dir": "baselines"},
-                    writes=(METRICS_FILE, PREDICTIONS_FILE), code=(__name__, "tasks.models", "tasks.data"))
+                    writes=(METRICS_FILE, PREDICTIONS_FILE), code=(__name__, "tasks.ml.models", "tasks.data.splits"))
 
 
 def evaluate_models(

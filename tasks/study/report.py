@@ -15,10 +15,10 @@ from scipy.stats import t as student_t
 
 from tasks import document
 from tasks.config import StudyConfig
-from tasks.contract import Contract
-from tasks.evaluate import mcnemar_exact
-from tasks.store import Store
-from tasks.study import load_predictions
+from tasks.pipeline.contract import Contract
+from tasks.stages.evaluate import mcnemar_exact
+from tasks.store.artifacts import Store
+from tasks.study.cells import load_predictions
 
 STAGE = "study-report"
 REPORT_NAME = "report"
@@ -208,7 +208,7 @@ def write(cfg: StudyConfig, cells: Sequence[CellResult], y_true: np.ndarray, pro
 # The report is keyed by its cells (their keys, added by the caller), its own code and the significance level.
 CONTRACT = Contract(stage=STAGE, run=write, section="study", reads={}, keyed=("alpha",),
                     writes=(f"{REPORT_NAME}.md", f"{REPORT_NAME}.html", FIGURE_FILE, RESULTS_FILE),
-                    code=(__name__, "tasks.document", "tasks.study"))
+                    code=(__name__, "tasks.document", "tasks.study.cells"))
 
 
 def key_inputs(cfg: StudyConfig, cell_keys: Sequence[str]) -> dict[str, Any]:

@@ -12,14 +12,17 @@ from typing import Any
 
 import numpy as np
 
-from tasks import document, history, report, study_report
+from tasks import document
 from tasks.config import PipelineConfig
-from tasks.data import load_splits
-from tasks.download import fingerprint
-from tasks.evaluate import METRICS_FILE, load_predictions, predict_with
-from tasks.models import MODEL_FILES
-from tasks.registry import MODEL, Decision, Registry, RegistryError, decide
-from tasks.store import ArtifactError, ArtifactRef, Store, key_of, read_manifest
+from tasks.data.splits import load_splits
+from tasks.ml.models import MODEL_FILES
+from tasks.runs import history
+from tasks.runs.registry import MODEL, Decision, Registry, RegistryError, decide
+from tasks.stages import report
+from tasks.stages.download import fingerprint
+from tasks.stages.evaluate import METRICS_FILE, load_predictions, predict_with
+from tasks.store.artifacts import ArtifactError, ArtifactRef, Store, key_of, read_manifest
+from tasks.study import report as study_report
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from tasks.store import Conflict, Store
+from tasks.store.artifacts import Conflict, Store
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks import idx
-from tasks.idx import DataError
+from tasks.data import idx
+from tasks.data.idx import DataError
 
 CLASS_FOLDERS = tuple(str(c) for c in range(10))
 HIDDEN = (".", "_")  # name prefixes of staging copies and the quarantine, which are not batches
@@ -157,7 +157,7 @@ def _read_directory(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_class_folders(path: Path, folders: list[Path]) -> tuple[np.ndarray, np.ndarray]:
-    from tasks.predict import ImageError, prepare  # Pillow only when a batch holds PNG files
+    from tasks.serve.predict import ImageError, prepare  # Pillow only when a batch holds PNG files
 
     if bad := [f.name for f in folders if f.name not in CLASS_FOLDERS]:
         raise DataError(f"{path}: folder(s) {', '.join(bad)} are not classes 0..9")

@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import FinetuneConfig, SplitSpec
-from tasks.contract import Contract
-from tasks.data import Splits, load_splits
-from tasks.models import (
+from tasks.data.splits import Splits, load_splits
+from tasks.ml.models import (
     MODEL_FILES,
     TENSORBOARD_DIR,
     TRAINING_CODE,
@@ -21,6 +20,7 @@ from tasks.models import (
     seed_everything,
     write_history,
 )
+from tasks.pipeline.contract import Contract
 
 log = logging.getLogger(__name__)
 

@@ -8,11 +8,11 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from tasks import baselines, download, evaluate, finetune, pretrain, report, validate
 from tasks.config import ConfigError, PipelineConfig, Stage
-from tasks.contract import Contract
-from tasks.models import Progress
-from tasks.store import ABSENT, ArtifactRef, Store, key_of
+from tasks.ml.models import Progress
+from tasks.pipeline.contract import Contract
+from tasks.stages import baselines, download, evaluate, finetune, pretrain, report, validate
+from tasks.store.artifacts import ABSENT, ArtifactRef, Store, key_of
 
 CONTRACTS: dict[str, Contract] = {c.stage: c for c in (
     download.CONTRACT, validate.CONTRACT, pretrain.CONTRACT, finetune.CONTRACT, baselines.CONTRACT,

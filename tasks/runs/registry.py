@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 
 from tasks.config import PromoteConfig
-from tasks.evaluate import mcnemar_exact
-from tasks.store import ABSENT, ArtifactError, Conflict, Store
+from tasks.stages.evaluate import mcnemar_exact
+from tasks.store.artifacts import ABSENT, ArtifactError, Conflict, Store
 
 log = logging.getLogger(__name__)
 
 REGISTRY_DIR = "registry"
-MODEL = "pretrained"  # the kind of model a registry holds (tasks.models.MODEL_FILES): the fine-tuned autoencoder
+MODEL = "pretrained"  # the kind of model a registry holds (tasks.ml.models.MODEL_FILES): the fine-tuned autoencoder
 KEY = re.compile(r"[0-9a-f]+")  # artifact keys are sha256 hex digests
 
 
@@ -160,7 +160,7 @@ class Registry:
         Only the key is trusted: a registry's `model_path` is written for readers, but a hand-edited one
         must not make the registry hand out another file.
         """
-        from tasks.models import MODEL_FILES  # Keras comes with it: only needed once a model is
+        from tasks.ml.models import MODEL_FILES  # Keras comes with it: only needed once a model is
 
         stage, file = MODEL_FILES[MODEL]
         if not KEY.fullmatch(key):

@@ -21,13 +21,13 @@ from typing import Any
 import numpy as np
 
 from tasks import document
-from tasks.batches import Batch, load_accepted, scan
 from tasks.config import DataConfig, PipelineConfig, SplitSpec
-from tasks.data import training_images
-from tasks.download import fetch
-from tasks.idx import DataError
-from tasks.store import Store
-from tasks.validate import Reference, ValidationFailed, reference, validate_batch
+from tasks.data.batches import Batch, load_accepted, scan
+from tasks.data.idx import DataError
+from tasks.data.splits import training_images
+from tasks.stages.download import fetch
+from tasks.stages.validate import Reference, ValidationFailed, reference, validate_batch
+from tasks.store.artifacts import Store
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ import numpy as np
 from keras import layers, ops
 
 from tasks.config import BaselinesConfig, FinetuneConfig, PretrainConfig, TrainConfig
-from tasks.inputs import steps_per_epoch, training_batches
-from tasks.store import verified_file
+from tasks.ml.inputs import steps_per_epoch, training_batches
+from tasks.store.artifacts import verified_file
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ RECONSTRUCTION_LOSS = "mean_squared_error"
 # Training steps per compiled call: fewer round trips from Python per epoch, the same updates (bench/speed.py).
 STEPS_PER_EXECUTION = 32
 # The modules whose code every training stage's result depends on (part of their artifacts' keys).
-TRAINING_CODE = ("tasks.models", "tasks.inputs", "tasks.data")
+TRAINING_CODE = ("tasks.ml.models", "tasks.ml.inputs", "tasks.data.splits")
 EVALUATION_BATCH = 2048  # images per step of the validation pass after each epoch: fewer, larger matmuls
 CLASSIFICATION_LOSS = "sparse_categorical_crossentropy"
 
@@ -288,7 +288,7 @@ def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and TensorFlow and make TensorFlow's ops deterministic, before a stage trains.
 
     Seeding per stage (not once per run) is what makes a stage re-run alone reproduce itself; the trainings
-    themselves draw only from explicit seeds (initializers, `tasks.inputs`). Op determinism is process-wide
+    themselves draw only from explicit seeds (initializers, `tasks.ml.inputs`). Op determinism is process-wide
     and irreversible; TensorFlow raises an error rather than run an op without a deterministic kernel.
     """
     import tensorflow as tf
@@ -363,7 +363,7 @@ def fit(model: keras.Model, x: np.ndarray, y: np.ndarray | None, validation: tup
         name: str | None = None, part: tuple[int, int] = (0, 1)) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Compile and train a model; return its per-epoch history rows and a summary of the run.
 
-    `y=None` trains an autoencoder to reconstruct `x`. The batches come from `tasks.inputs` (a new order every
+    `y=None` trains an autoencoder to reconstruct `x`. The batches come from `tasks.ml.inputs` (a new order every
     epoch, the config's noise and shifts), all drawn from `seed`. `name` (default: the model's) names the model in
     log lines, progress and TensorBoard runs. With `tensorboard`, Keras writes the epoch scalars as TensorBoard
     event files into `<tensorboard>/<name>/`. `part` is (this model's index, models the stage trains), so progress

@@ -19,12 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from tasks import batches, idx
 from tasks.config import DataConfig
-from tasks.contract import Contract
-from tasks.data import DATA_FILE, Dataset, save_dataset
-from tasks.idx import DataError
-from tasks.store import key_of, sha256_file
+from tasks.data import batches, idx
+from tasks.data.idx import DataError
+from tasks.data.splits import DATA_FILE, Dataset, save_dataset
+from tasks.pipeline.contract import Contract
+from tasks.store.artifacts import key_of, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def run(cfg: DataConfig, out: Path) -> dict[str, Any]:
 # The key covers the dataset and the accepted batches: where the files were found never changes them, since the
 # base payloads are verified against pinned hashes and each batch against its content hash.
 CONTRACT = Contract(stage="download", run=run, section="data", keyed=("dataset", "batches"), reads={},
-                    writes=(DATA_FILE,), code=(__name__, "tasks.idx", "tasks.data"))
+                    writes=(DATA_FILE,), code=(__name__, "tasks.data.idx", "tasks.data.splits"))
 
 
 def fingerprint(cfg: DataConfig) -> str:

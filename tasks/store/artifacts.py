@@ -2,7 +2,7 @@
 
 The root is a local directory or an `s3://bucket/prefix` URL. A local root keeps rename and file locks; an
 object-store root is mirrored by a local cache directory (`Store.root`), into which artifacts are pulled and
-verified before use, and from which new ones are pushed, their manifest created last (see tasks/objects.py).
+verified before use, and from which new ones are pushed, their manifest created last (see tasks/store/objects.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 from filelock import FileLock
 from pydantic import BaseModel, ConfigDict
 
-from tasks.objects import Bucket, Conflict, StoreError
+from tasks.store.objects import Bucket, Conflict, StoreError
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from tasks import baselines, finetune, pretrain
 from tasks.config import STAGES, ReportConfig
-from tasks.contract import Contract
 from tasks.document import (
     BLOCKS_FILE,
     Block,
@@ -29,9 +27,11 @@ from tasks.document import (
     Table,
     render,
 )
-from tasks.evaluate import METRICS_FILE, ordered
-from tasks.models import best_row
-from tasks.store import MANIFEST
+from tasks.ml.models import best_row
+from tasks.pipeline.contract import Contract
+from tasks.stages import baselines, finetune, pretrain
+from tasks.stages.evaluate import METRICS_FILE, ordered
+from tasks.store.artifacts import MANIFEST
 
 log = logging.getLogger(__name__)
 
@@ -426,8 +426,8 @@ CONTRACT = Contract(stage="report", run=run, section="report", shared=("config",
                     reads={"validate_dir": "validate", "pretrain_dir": "pretrain", "finetune_dir": "finetune",
                            "baselines_dir": "baselines", "evaluate_dir": "evaluate"},
                     writes=(f"{REPORT_NAME}.md", f"{REPORT_NAME}.html", BLOCKS_FILE, ACCURACY_FILE),
-                    code=(__name__, "tasks.document", "tasks.evaluate", "tasks.models", "tasks.pretrain",
-                          "tasks.finetune", "tasks.baselines"))
+                    code=(__name__, "tasks.document", "tasks.stages.evaluate", "tasks.ml.models",
+                          "tasks.stages.pretrain", "tasks.stages.finetune", "tasks.stages.baselines"))
 
 
 def write_report(cfg: ReportConfig, inputs: dict[str, Path], run_info: dict[str, Any], out: Path) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""IDX files, download sources, splits, incoming batches and their intake, image framing; never imports a stage."""

@@ -1,0 +1,1 @@
+"""Networks, training loop, input pipeline, statistics, inference; imports config and store, never a stage."""

@@ -1,0 +1,1 @@
+"""The content-addressed artifact store, local or S3; imports nothing else of the project."""
