@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from tasks.config import DataConfig, ValidateConfig
-from tasks.stages.download import fetch
-from tasks.stages.validate import reference, summarize_batch
+from tasks.data.checks import reference, summarize_batch
+from tasks.data.sources import fetch
 
 
 def shift(images: np.ndarray, dy: int = 1, dx: int = 1) -> np.ndarray:

@@ -18,8 +18,8 @@ import keras
 import numpy as np
 
 from tasks.config import load_config
+from tasks.data.sources import read_mirror
 from tasks.ml.models import build_autoencoder, fit, seed_everything
-from tasks.stages.download import read_mirror
 
 
 def _images(count: int) -> np.ndarray:

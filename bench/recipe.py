@@ -23,8 +23,10 @@ import numpy as np
 
 from tasks.config import PipelineConfig, load_config, parse_overrides
 from tasks.data.splits import load_splits
+from tasks.ml.inference import predict_with
+from tasks.ml.stats import mcnemar_exact
 from tasks.stages import baselines, download, finetune, pretrain
-from tasks.stages.evaluate import mcnemar_exact, predict_with
+from tasks.stages.files import MODEL_FILES
 from tasks.store.artifacts import write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,8 +84,8 @@ def run_variant(config: PipelineConfig, data_dir: Path, work: Path, pretrained: 
         write_manifest(out, key=out.name)
         stage_dirs[stage] = out
     data = load_splits(data_dir, split)
-    files = {"pretrained": stage_dirs["finetune"] / finetune.MODEL_FILE,
-             "ann": stage_dirs["baselines"] / baselines.ANN_FILE}
+    files = {"pretrained": stage_dirs["finetune"] / MODEL_FILES["pretrained"][1],
+             "ann": stage_dirs["baselines"] / MODEL_FILES["ann"][1]}
     val = {m: correct(f, data.x_val, data.y_val) for m, f in files.items()}
     test = {m: correct(f, data.x_test, data.y_test) for m, f in files.items()}
     b = int(np.sum(test["pretrained"] & ~test["ann"]))

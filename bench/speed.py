@@ -140,12 +140,13 @@ def measure(variant: str, epochs: int, data_dir: Path) -> dict[str, float]:
     from tasks.data.splits import load_splits
     from tasks.ml import models
     from tasks.stages import pretrain
+    from tasks.stages.files import HISTORY_FILE
 
     config = load_config("seed", {"pretrain.epochs": epochs})
     if variant == "pipeline":
         with tempfile.TemporaryDirectory() as out:
             pretrain.run(config.pretrain, config.data.split(), data_dir, Path(out), seed=config.seed)
-            seconds = [row["seconds"] for row in json.loads((Path(out) / pretrain.HISTORY_FILE).read_text())]
+            seconds = [row["seconds"] for row in json.loads((Path(out) / HISTORY_FILE).read_text())]
     else:
         keras.utils.set_random_seed(config.seed)
         data = load_splits(data_dir, config.data.split())

@@ -51,7 +51,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 
 _STAGE_ERRORS = {"tasks.pipeline.graph": ("MissingUpstream",), "tasks.ml.models": ("ModelError", "TrainingDiverged"),
-                 "tasks.stages.validate": ("ValidationFailed",)}
+                 "tasks.data.checks": ("ValidationFailed",)}
 
 
 class _BriefUserErrors(logging.Formatter):
@@ -228,7 +228,7 @@ def _who() -> str:
 
 
 def _promote(args: argparse.Namespace) -> int:
-    from tasks.runs.publish import stored_candidates
+    from tasks.runs.promotion import stored_candidates
 
     registry = _registry(args, write=True)
     # Models evaluated in the store but never judged (their run failed while publishing) count too.

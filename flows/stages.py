@@ -24,13 +24,14 @@ from prefect.states import Completed, State
 from prefect.tasks import Task, exponential_backoff
 from pydantic import BaseModel
 
+from flows.artifacts import accuracy_table, prefect_markdown
 from tasks.config import PipelineConfig, Stage
 from tasks.data import intake
 from tasks.data.intake import Intake
+from tasks.data.sources import NetworkError
 from tasks.ml.models import EpochEnd, Progress
 from tasks.pipeline import graph
-from tasks.runs import publish
-from tasks.stages.download import NetworkError
+from tasks.runs import history, promotion, run_report
 from tasks.store.artifacts import ArtifactRef, Store
 
 REPORT_ARTIFACT = "mnist-ae-report"
@@ -157,15 +158,15 @@ def publish_run(config: PipelineConfig, refs: dict[str, ArtifactRef], validated:
     """Challenge the champion with an evaluated model not judged before, append the run history, write the report
     (with a section on the incoming batches when the run takes them in)."""
     store = Store(config.store)
-    run = publish.RunInfo(id=flow_run.get_id(), name=flow_run.get_name(), at=datetime.now(UTC), wall_s=wall_s)
-    # Each evaluation is judged once, cached or not (publish.promote skips one already judged).
-    decision = publish.promote(config, store, refs, run.id, validated) if "evaluate" in refs else None
-    publish.record(config, store, refs, decision, run.id, flow_run_name=run.name, wall_s=wall_s)
+    run = run_report.RunInfo(id=flow_run.get_id(), name=flow_run.get_name(), at=datetime.now(UTC), wall_s=wall_s)
+    # Each evaluation is judged once, cached or not (promotion.promote skips one already judged).
+    decision = promotion.promote(config, store, refs, run.id, validated) if "evaluate" in refs else None
+    history.record(config, store, refs, decision, run.id, flow_run_name=run.name, wall_s=wall_s)
     if "report" not in refs:
         return {"decision": decision and decision.reason}
     section = (intake.report_section(batches, refs["download"].summary, config.data.split())
                if batches is not None and "download" in refs else [])
-    paths = publish.run_report(config, store, refs, decision, run, section)
+    paths = run_report.run_report(config, store, refs, decision, run, section)
     return {"decision": decision and decision.reason, "report": str(paths["html"]), "blocks": str(paths["blocks"])}
 
 
@@ -173,10 +174,10 @@ def publish_artifacts(config: PipelineConfig, refs: dict[str, ArtifactRef], publ
     """The run's report and accuracy table as Prefect artifacts of the flow run itself (not of a task run)."""
     if "blocks" not in published:
         return
-    create_markdown_artifact(key=REPORT_ARTIFACT, markdown=publish.prefect_markdown(Path(published["blocks"])),
+    create_markdown_artifact(key=REPORT_ARTIFACT, markdown=prefect_markdown(Path(published["blocks"])),
                              description=f"{config.report.title}: profile {config.profile}, {config.data.dataset}")
     reported = refs["report"].summary
-    if rows := publish.accuracy_table(reported):
+    if rows := accuracy_table(reported):
         n = reported.get("n_test")
         create_table_artifact(key=ACCURACY_ARTIFACT, table=rows, description=(
             f"Test accuracy per model on {n:,} test images, profile {config.profile}. "

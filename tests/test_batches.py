@@ -10,9 +10,9 @@ from PIL import Image
 
 from tasks.config import ValidateConfig
 from tasks.data.batches import content_hash, entries, load_accepted, read_batch
+from tasks.data.checks import ValidationFailed, reference, summarize_batch, validate_batch
 from tasks.data.idx import DataError, encode_idx
 from tasks.serve.predict import prepare
-from tasks.stages.validate import ValidationFailed, reference, summarize_batch, validate_batch
 
 
 def test_npz_and_idx_pair_of_the_same_digits_are_the_same_batch(mnist, tmp_path):

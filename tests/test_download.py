@@ -19,9 +19,8 @@ import numpy as np
 import pytest
 
 from tasks.config import DataConfig
-from tasks.data.splits import load_dataset
-from tasks.stages import download
-from tasks.stages.download import (
+from tasks.data import sources
+from tasks.data.sources import (
     DEFAULT_MIRRORS,
     KERAS_MNIST_SHA256,
     PAYLOAD_SHA256,
@@ -30,8 +29,9 @@ from tasks.stages.download import (
     fetch,
     keras_cache_path,
     list_sources,
-    run,
 )
+from tasks.data.splits import load_dataset
+from tasks.stages.download import run
 
 NAMES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
          "t10k-labels-idx1-ubyte.gz")
@@ -187,7 +187,7 @@ def serve(monkeypatch):
 
 def test_offline_never_touches_the_network_and_online_downloads(mnist_mirror, tmp_path, serve, monkeypatch, fetched):
     url, requested = serve(mnist_mirror)
-    monkeypatch.setitem(download.MIRROR_URLS, "mnist", (url,))
+    monkeypatch.setitem(sources.MIRROR_URLS, "mnist", (url,))
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DataError) as err:
@@ -211,7 +211,7 @@ def _closed_port_url() -> str:
 def test_unreachable_mirrors_raise_a_network_error(tmp_path, serve, monkeypatch):
     missing_url, _ = serve(tmp_path)  # answers 404 for every file
     refused_url = _closed_port_url()
-    monkeypatch.setitem(download.MIRROR_URLS, "mnist", (refused_url, missing_url))
+    monkeypatch.setitem(sources.MIRROR_URLS, "mnist", (refused_url, missing_url))
     with pytest.raises(NetworkError) as err:
         fetch(DataConfig(mirror=tmp_path, offline=False))
     text = str(err.value)
@@ -223,7 +223,7 @@ def test_unreachable_mirrors_raise_a_network_error(tmp_path, serve, monkeypatch)
 def test_a_damaged_download_is_not_retryable(mnist_mirror, tmp_path, serve, monkeypatch):
     bad = _copy_mirror(mnist_mirror, tmp_path / "bad", {TEST_LABELS: _gz(_payload(mnist_mirror, TEST_LABELS)[:-1])})
     url, _ = serve(bad)
-    monkeypatch.setitem(download.MIRROR_URLS, "mnist", (_closed_port_url(), url))
+    monkeypatch.setitem(sources.MIRROR_URLS, "mnist", (_closed_port_url(), url))
     with pytest.raises(DataError) as err:
         fetch(DataConfig(mirror=tmp_path, offline=False))
     assert type(err.value) is DataError
@@ -258,7 +258,7 @@ def test_a_keras_cache_without_the_pinned_hash_is_rejected(fetched):
 
 def test_a_keras_cache_with_the_pinned_hash_is_used(fetched, tmp_path, monkeypatch):
     path = _write_keras_cache(fetched[0])
-    monkeypatch.setattr(download, "KERAS_MNIST_SHA256", hashlib.sha256(path.read_bytes()).hexdigest())
+    monkeypatch.setattr(sources, "KERAS_MNIST_SHA256", hashlib.sha256(path.read_bytes()).hexdigest())
     ds, description = fetch(DataConfig(mirror=tmp_path, offline=True))  # the empty mirror fails first
     assert description["source"] == f"Keras cache {path}"
     assert description["payload_sha256"] == PAYLOAD_SHA256["mnist"]  # the arrays re-encoded as IDX
@@ -267,7 +267,7 @@ def test_a_keras_cache_with_the_pinned_hash_is_used(fetched, tmp_path, monkeypat
 
 def test_a_keras_cache_of_the_wrong_shape_is_rejected(fetched, monkeypatch):
     path = _write_keras_cache(fetched[0], x_train=fetched[0].x_train[:100])
-    monkeypatch.setattr(download, "KERAS_MNIST_SHA256", hashlib.sha256(path.read_bytes()).hexdigest())
+    monkeypatch.setattr(sources, "KERAS_MNIST_SHA256", hashlib.sha256(path.read_bytes()).hexdigest())
     with pytest.raises(DataError, match=r"x_train is uint8 \(100, 28, 28\), expected uint8 \(60000, 28, 28\)"):
         fetch(DataConfig(offline=True))
 
@@ -275,7 +275,7 @@ def test_a_keras_cache_of_the_wrong_shape_is_rejected(fetched, monkeypatch):
 def test_fashion_mnist_skips_the_keras_cache(tmp_path):
     labels = [label for label, _, _ in list_sources(DataConfig(dataset="fashion-mnist", mirror=tmp_path))]
     packaged = f"packaged copy {DEFAULT_MIRRORS['fashion-mnist']}"
-    assert labels == [f"local mirror {tmp_path}", packaged, *download.MIRROR_URLS["fashion-mnist"]]
+    assert labels == [f"local mirror {tmp_path}", packaged, *sources.MIRROR_URLS["fashion-mnist"]]
 
 
 FASHION_PAYLOAD_MD5 = {  # as published with the Fashion-MNIST archives, after gunzip

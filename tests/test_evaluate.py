@@ -11,6 +11,7 @@ import pytest
 
 from tasks.config import EvaluateConfig
 from tasks.data.splits import save_dataset
+from tasks.ml import predictions, stats
 from tasks.ml.models import ModelError
 from tasks.stages import evaluate
 from tasks.store.artifacts import ArtifactError, write_manifest
@@ -27,13 +28,13 @@ def test_confusion_by_hand():
     expected = [[2, 1, 0],
                 [0, 2, 1],
                 [0, 1, 3]]
-    assert evaluate.confusion(Y_TRUE, Y_PRED, k=3).tolist() == expected
-    padded = evaluate.confusion(Y_TRUE, Y_PRED)
+    assert stats.confusion(Y_TRUE, Y_PRED, k=3).tolist() == expected
+    padded = stats.confusion(Y_TRUE, Y_PRED)
     assert padded.shape == (10, 10) and padded.sum() == 10 and padded[3:, :].sum() == 0
 
 
 def test_per_class_by_hand():
-    rows = evaluate.per_class(evaluate.confusion(Y_TRUE, Y_PRED, k=3))
+    rows = stats.per_class(stats.confusion(Y_TRUE, Y_PRED, k=3))
     # precision = diagonal / column sum: 2/2, 2/(1+2+1), 3/(1+3)
     assert [r["precision"] for r in rows] == pytest.approx([1.0, 0.5, 0.75])
     # recall = diagonal / row sum: 2/3, 2/3, 3/4
@@ -46,7 +47,7 @@ def test_per_class_by_hand():
 
 def test_per_class_undefined_scores_are_none():
     # Class 1 is never predicted (precision 0/0), class 2 never occurs (recall 0/0), class 0 is never hit.
-    rows = evaluate.per_class(evaluate.confusion(np.array([0, 0, 1]), np.array([2, 2, 0]), k=3))
+    rows = stats.per_class(stats.confusion(np.array([0, 0, 1]), np.array([2, 2, 0]), k=3))
     assert rows[0] == {"class": 0, "support": 2, "predicted": 1, "precision": 0.0, "recall": 0.0, "f1": 0.0}
     assert rows[1]["precision"] is None and rows[1]["recall"] == 0.0 and rows[1]["f1"] is None
     assert rows[2]["recall"] is None and rows[2]["precision"] == 0.0 and rows[2]["f1"] is None
@@ -57,7 +58,7 @@ def test_wilson_interval_by_hand():
     # center = (0.7 + z^2/(2n)) / (1 + z^2/n) = (0.7 + 0.1920729) / 1.3841459 = 0.6444934
     # half = z / 1.3841459 * sqrt(0.7 * 0.3 / 10 + z^2 / 400) = 1.4160097 * sqrt(0.021 + 0.0096036)
     #      = 1.4160097 * 0.1749390 = 0.2477153
-    low, high = evaluate.accuracy_ci(7, 10, 0.95)
+    low, high = stats.accuracy_ci(7, 10, 0.95)
     assert low == pytest.approx(0.6444934 - 0.2477153, abs=1e-6)  # 0.3967781
     assert high == pytest.approx(0.6444934 + 0.2477153, abs=1e-6)  # 0.8922087
     assert (round(low, 4), round(high, 4)) == (0.3968, 0.8922)  # the textbook values
@@ -68,35 +69,35 @@ def test_wilson_bounds_are_where_the_score_test_just_rejects(correct, n, confide
     # Independent definition: the bounds solve |p_hat - p| = z * sqrt(p (1 - p) / n).
     z = {0.9: 1.6448536, 0.95: 1.9599640, 0.99: 2.5758293}[confidence]
     p_hat = correct / n
-    for p in evaluate.accuracy_ci(correct, n, confidence):
+    for p in stats.accuracy_ci(correct, n, confidence):
         if 0 < p < 1:
             assert abs(p_hat - p) == pytest.approx(z * math.sqrt(p * (1 - p) / n), rel=1e-5)
 
 
 def test_wilson_interval_at_the_edges():
-    assert evaluate.accuracy_ci(0, 20, 0.95)[0] == 0.0
-    assert evaluate.accuracy_ci(20, 20, 0.95)[1] == 1.0
-    low, high = evaluate.accuracy_ci(20, 20, 0.95)
+    assert stats.accuracy_ci(0, 20, 0.95)[0] == 0.0
+    assert stats.accuracy_ci(20, 20, 0.95)[1] == 1.0
+    low, high = stats.accuracy_ci(20, 20, 0.95)
     assert 0.8 < low < 1.0  # unlike the Wald interval, not a zero-width [1, 1]
-    wide, narrow = evaluate.accuracy_ci(50, 100, 0.99), evaluate.accuracy_ci(50, 100, 0.9)
+    wide, narrow = stats.accuracy_ci(50, 100, 0.99), stats.accuracy_ci(50, 100, 0.9)
     assert wide[0] < narrow[0] and wide[1] > narrow[1]
 
 
 @pytest.mark.parametrize("correct,n,confidence", [(1, 0, 0.95), (11, 10, 0.95), (-1, 10, 0.95), (5, 10, 1.0)])
 def test_wilson_interval_rejects_bad_input(correct, n, confidence):
     with pytest.raises(ValueError):
-        evaluate.accuracy_ci(correct, n, confidence)
+        stats.accuracy_ci(correct, n, confidence)
 
 
 def test_confusion_rejects_bad_labels():
     with pytest.raises(ValueError, match="outside"):
-        evaluate.confusion(np.array([0, 10]), np.array([0, 1]))
+        stats.confusion(np.array([0, 10]), np.array([0, 1]))
     with pytest.raises(ValueError, match="one length"):
-        evaluate.confusion(np.array([0, 1]), np.array([0]))
+        stats.confusion(np.array([0, 1]), np.array([0]))
 
 
 def test_metrics_for_by_hand():
-    m = evaluate.metrics_for(Y_TRUE, Y_PRED, 0.95, k=3)
+    m = stats.metrics_for(Y_TRUE, Y_PRED, 0.95, k=3)
     assert (m["n"], m["correct"], m["accuracy"]) == (10, 7, 0.7)
     assert (m["ci_low"], m["ci_high"]) == pytest.approx((0.3967781, 0.8922087), abs=1e-6)
     assert m["macro_f1"] == pytest.approx((0.8 + 4 / 7 + 0.75) / 3)
@@ -107,7 +108,7 @@ def test_metrics_for_by_hand():
 def test_best_of_breaks_ties_in_table_order():
     models = {"pretrained": {"accuracy": 0.9}, "ann": {"accuracy": 0.9}, "softmax": {"accuracy": 0.8}}
     assert evaluate.best_of(models) == "ann"
-    assert evaluate.ordered(["zeta", "probe", "softmax", "extra"]) == ["softmax", "probe", "extra", "zeta"]
+    assert stats.ordered(["zeta", "probe", "softmax", "extra"]) == ["softmax", "probe", "extra", "zeta"]
 
 
 # --- the stage on real models -------------------------------------------------------------------------------------
@@ -166,7 +167,7 @@ def test_run_on_real_models(trained, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["order"] == ["softmax", "ann"] and metrics["n_test"] == 1000
     assert metrics["ci_method"] == "wilson" and metrics["confidence"] == 0.95
-    preds = evaluate.load_predictions(out)
+    preds = predictions.load_predictions(out)
     assert preds.y_true.dtype == np.uint8 and preds.y_true.tolist() == s.y_test.tolist()
     for name, path in model_paths.items():
         probs = _independent_predictions(path, s.x_test)
@@ -195,7 +196,7 @@ def test_run_turns_logits_into_probabilities(trained, tmp_path):
     evaluate.evaluate_models(EvaluateConfig(confidence=0.9), SPLIT, data_dir, {"pretrained": paths["logits"]}, tmp_path)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["models"]["pretrained"]["output"] == "logits"
-    conf = evaluate.load_predictions(tmp_path).confidence["pretrained"]
+    conf = predictions.load_predictions(tmp_path).confidence["pretrained"]
     assert conf.min() >= 0.1 and conf.max() <= 1.0  # the top probability of 10 classes is at least 1/10
 
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tasks.data.images import MAX_PIXELS, ImageError, prepare
 from tasks.ml.models import ModelError
-from tasks.serve.predict import MAX_PIXELS, ImageError, Prediction, predict, prepare
+from tasks.serve.predict import Prediction, predict
 from tasks.store.artifacts import write_manifest
 
 FORMS = ("rgb_100px", "inverted_jpeg", "rgba_transparent", "uint16", "offcentre_canvas")

@@ -13,7 +13,9 @@ from matplotlib.figure import Figure
 
 from tasks import document
 from tasks.config import ReportConfig, load_config
+from tasks.ml import stats
 from tasks.stages import evaluate, report
+from tasks.stages.files import METRICS_FILE
 
 PNG = b"\x89PNG\r\n\x1a\n"
 N_TEST = 10_000
@@ -38,7 +40,7 @@ def _predictions(wrong: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _metrics(wrong: dict[str, int]) -> dict:
-    return evaluate.assemble({name: evaluate.metrics_for(*_predictions(w), 0.95) for name, w in wrong.items()}, 0.95)
+    return evaluate.assemble({name: stats.metrics_for(*_predictions(w), 0.95) for name, w in wrong.items()}, 0.95)
 
 
 def _reconstruction_png(path: Path) -> Path:
@@ -87,7 +89,7 @@ def _inputs(root: Path, wrong: dict[str, int]) -> dict[str, Path]:
                 [{**r, "loss_mean": r.pop("loss")} for r in _classifier_history(3)])
     _write_json(root / "baselines" / "softmax_history.json", _classifier_history(4))
     _write_json(root / "baselines" / "ann_history.json", _classifier_history(4))
-    _write_json(root / "evaluate" / evaluate.METRICS_FILE, _metrics(wrong))
+    _write_json(root / "evaluate" / METRICS_FILE, _metrics(wrong))
     return {"validate": _validate_dir(root), "pretrain": _pretrain_dir(root), "finetune": root / "finetune",
             "baselines": root / "baselines", "evaluate": root / "evaluate"}
 
@@ -122,7 +124,7 @@ def test_full_report(tmp_path):
     md = (out / "report.md").read_text()
     assert md.startswith("# Test report\n")
     # Wilson interval of 9700/10000, formatted as the table shows it.
-    low, high = evaluate.accuracy_ci(9700, N_TEST, 0.95)
+    low, high = stats.accuracy_ci(9700, N_TEST, 0.95)
     ci = f"[{100 * low:.2f} %, {100 * high:.2f} %]"
     assert f"| pretrained | Pretrained encoder + softmax, fine-tuned | 97.00 % | {ci} |" in md
     assert "| softmax | Softmax regression on pixels | 92.00 % |" in md

@@ -175,7 +175,7 @@ def test_quick_grid_on_dask_reuses_the_pipelines_artifacts_and_reports(on_dask):
 
 def test_the_pipelines_run_report_names_the_latest_study(on_dask, tmp_path):
     from tasks import document
-    from tasks.runs import publish
+    from tasks.runs import run_report
     from tasks.store.artifacts import ArtifactRef, write_manifest
 
     store = Store(on_dask["store"])
@@ -184,8 +184,8 @@ def test_the_pipelines_run_report_names_the_latest_study(on_dask, tmp_path):
     write_manifest(stage_report, key="0" * 64)  # as the store publishes a report artifact
     ref = ArtifactRef(stage="report", key="0" * 64, path=str(stage_report), cached=True, duration_s=0.0,
                       created_at="")
-    run = publish.RunInfo(id="run", name="quick-mnist", at=datetime.now(UTC))
-    paths = publish.run_report(load_config("quick", GRID, str(store.root)), store, {"report": ref}, None, run)
+    run = run_report.RunInfo(id="run", name="quick-mnist", at=datetime.now(UTC))
+    paths = run_report.run_report(load_config("quick", GRID, str(store.root)), store, {"report": ref}, None, run)
     latest = Path(on_dask["report"]).relative_to(store.root)
     assert f"Latest label-efficiency study: {latest}" in paths["markdown"].read_text()
 

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from tasks.config import DataConfig, ValidateConfig
+from tasks.data.checks import EXPECTED_ROWS, ValidationFailed, summarize, validate_frame
 from tasks.data.splits import Dataset
 from tasks.stages import download
-from tasks.stages.validate import EXPECTED_ROWS, ValidationFailed, run, summarize, validate_frame
+from tasks.stages.validate import run
 
 SMALL = {"train": 2000, "test": 500}
 CFG = ValidateConfig()

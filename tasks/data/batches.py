@@ -17,8 +17,9 @@ import numpy as np
 
 from tasks.data import idx
 from tasks.data.idx import DataError
+from tasks.data.mnist import CLASSES
 
-CLASS_FOLDERS = tuple(str(c) for c in range(10))
+CLASS_FOLDERS = tuple(str(c) for c in range(CLASSES))
 HIDDEN = (".", "_")  # name prefixes of staging copies and the quarantine, which are not batches
 # About four times MNIST's training set; an IDX header declaring more is refused before any data is unpacked.
 MAX_IMAGES = 250_000
@@ -157,7 +158,7 @@ def _read_directory(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_class_folders(path: Path, folders: list[Path]) -> tuple[np.ndarray, np.ndarray]:
-    from tasks.serve.predict import ImageError, prepare  # Pillow only when a batch holds PNG files
+    from tasks.data.images import ImageError, prepare  # Pillow only when a batch holds PNG files
 
     if bad := [f.name for f in folders if f.name not in CLASS_FOLDERS]:
         raise DataError(f"{path}: folder(s) {', '.join(bad)} are not classes 0..9")

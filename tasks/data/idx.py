@@ -10,10 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.data.mnist import SIDE
+
 # Magic number = two zero bytes, a type byte (0x08 = unsigned byte) and the number of dimensions.
 IMAGES_MAGIC = 0x00000803
 LABELS_MAGIC = 0x00000801
-ROWS = COLS = 28
+ROWS = COLS = SIDE
 _AXES = {IMAGES_MAGIC: ("items", "rows", "columns"), LABELS_MAGIC: ("items",)}
 _TRAILING = 1 << 20  # bytes read past the declared data to name what follows it
 

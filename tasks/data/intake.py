@@ -23,10 +23,10 @@ import numpy as np
 from tasks import document
 from tasks.config import DataConfig, PipelineConfig, SplitSpec
 from tasks.data.batches import Batch, load_accepted, scan
+from tasks.data.checks import Reference, ValidationFailed, reference, validate_batch
 from tasks.data.idx import DataError
+from tasks.data.sources import fetch
 from tasks.data.splits import training_images
-from tasks.stages.download import fetch
-from tasks.stages.validate import Reference, ValidationFailed, reference, validate_batch
 from tasks.store.artifacts import Store
 
 log = logging.getLogger(__name__)

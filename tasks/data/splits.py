@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.config import SplitSpec
-
-DATA_FILE = "data.npz"
+from tasks.stages.files import DATA_FILE
 
 
 def _no_images() -> np.ndarray:

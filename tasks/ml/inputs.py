@@ -12,7 +12,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-SIDE = 28  # images are SIDE x SIDE, flattened
+from tasks.data.mnist import PIXELS, SIDE
 
 
 def steps_per_epoch(images: int, batch_size: int) -> int:
@@ -75,4 +75,4 @@ def shifted(flat: tf.Tensor, most: int, seed: tf.Tensor) -> tf.Tensor:
     groups = tf.dynamic_partition(padded, group, span * span)
     positions = tf.dynamic_partition(tf.range(tf.shape(images)[0]), group, span * span)
     crops = [groups[dy * span + dx][:, dy:dy + SIDE, dx:dx + SIDE] for dy in range(span) for dx in range(span)]
-    return tf.reshape(tf.dynamic_stitch(positions, crops), (-1, SIDE * SIDE))
+    return tf.reshape(tf.dynamic_stitch(positions, crops), (-1, PIXELS))

@@ -18,7 +18,9 @@ import numpy as np
 from keras import layers, ops
 
 from tasks.config import BaselinesConfig, FinetuneConfig, PretrainConfig, TrainConfig
+from tasks.data.mnist import CLASSES, PIXELS
 from tasks.ml.inputs import steps_per_epoch, training_batches
+from tasks.stages.files import AUTOENCODER_FILE
 from tasks.store.artifacts import verified_file
 
 log = logging.getLogger(__name__)
@@ -50,20 +52,6 @@ class EpochEnd:
 
 
 Progress = Callable[[EpochEnd], None]
-TENSORBOARD_DIR = "tensorboard"  # each training stage's event files, one run directory per model
-
-# Model name -> (stage, file inside that stage's artifact directory); "probe" only with FinetuneConfig.linear_probe.
-MODEL_FILES: dict[str, tuple[str, str]] = {
-    "softmax": ("baselines", "softmax.keras"),
-    "ann": ("baselines", "ann.keras"),
-    "pretrained": ("finetune", "finetuned.keras"),
-    "probe": ("finetune", "probe.keras"),
-}
-
-# The pretrain stage's model file, read back by the finetune stage.
-AUTOENCODER_FILE = "autoencoder.keras"
-INPUT_SIZE = 784
-NUM_CLASSES = 10
 RECONSTRUCTION_LOSS = "mean_squared_error"
 # Training steps per compiled call: fewer round trips from Python per epoch, the same updates (bench/speed.py).
 STEPS_PER_EXECUTION = 32
@@ -175,20 +163,20 @@ def _dense(units: int, activation: str, init: str, name: str, seeds: random.Rand
 
 def _head() -> layers.Dense:
     """The softmax layer, zero-initialised like the notebook's W_softmax and b_softmax."""
-    return layers.Dense(NUM_CLASSES, activation="softmax", kernel_initializer="zeros", bias_initializer="zeros",
+    return layers.Dense(CLASSES, activation="softmax", kernel_initializer="zeros", bias_initializer="zeros",
                         name="head")
 
 
 def build_autoencoder(cfg: PretrainConfig, seed: int = 0) -> keras.Model:
     """784 -> cfg.hidden -> mirrored decoder -> 784 with a sigmoid output; layers named enc_i and dec_i."""
-    inputs = keras.Input((INPUT_SIZE,), name="pixels")
+    inputs = keras.Input((PIXELS,), name="pixels")
     x = inputs
     seeds = random.Random(seed)
     # Encoder
     for i, units in enumerate(cfg.hidden):
         x = _dense(units, cfg.activation, cfg.init, f"enc_{i}", seeds)(x)
     # Decoder
-    widths = [*reversed(cfg.hidden[:-1]), INPUT_SIZE]
+    widths = [*reversed(cfg.hidden[:-1]), PIXELS]
     for i, units in enumerate(widths):
         activation = "sigmoid" if i == len(widths) - 1 else cfg.activation
         x = _dense(units, activation, cfg.init, f"dec_{i}", seeds)(x)
@@ -228,7 +216,7 @@ def encoder_layers(autoencoder: keras.Model) -> list[layers.Layer]:
 
 def extract_encoder(autoencoder: keras.Model) -> keras.Model:
     """A new 784 -> last-hidden model holding copies of the autoencoder's encoder weights."""
-    inputs = keras.Input((INPUT_SIZE,), name="pixels")
+    inputs = keras.Input((PIXELS,), name="pixels")
     x = inputs
     for source in encoder_layers(autoencoder):
         # Copies, not shared layers: fine-tuning must not alter the loaded autoencoder.
@@ -240,7 +228,7 @@ def extract_encoder(autoencoder: keras.Model) -> keras.Model:
 
 def build_classifier(encoder: keras.Model, freeze: bool) -> keras.Model:
     """The encoder topped by the zero-initialised softmax head; a frozen encoder runs in inference mode."""
-    inputs = keras.Input((INPUT_SIZE,), name="pixels")
+    inputs = keras.Input((PIXELS,), name="pixels")
     if freeze:
         # keras-io transfer-learning recipe: non-trainable, and called with training=False.
         encoder.trainable = False
@@ -253,13 +241,13 @@ def build_classifier(encoder: keras.Model, freeze: bool) -> keras.Model:
 
 def build_softmax_regression() -> keras.Model:
     """The notebook's baseline: softmax regression on the raw pixels, zero-initialised."""
-    inputs = keras.Input((INPUT_SIZE,), name="pixels")
+    inputs = keras.Input((PIXELS,), name="pixels")
     return keras.Model(inputs, _head()(inputs), name="softmax")
 
 
 def build_ann(hidden: tuple[int, ...], activation: str, init: str, seed: int = 0) -> keras.Model:
     """The same classifier shape trained from a random initialisation, without pretraining."""
-    inputs = keras.Input((INPUT_SIZE,), name="pixels")
+    inputs = keras.Input((PIXELS,), name="pixels")
     x = inputs
     seeds = random.Random(seed)
     for i, units in enumerate(hidden):

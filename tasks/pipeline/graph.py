@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from tasks.config import ConfigError, PipelineConfig, Stage
+from tasks.data.sources import fingerprint
 from tasks.ml.models import Progress
 from tasks.pipeline.contract import Contract
 from tasks.stages import baselines, download, evaluate, finetune, pretrain, report, validate
@@ -29,7 +30,7 @@ def shared_settings(config: PipelineConfig) -> dict[str, Any]:
         "hidden": list(config.pretrain.hidden),
         "activation": config.pretrain.activation,
         "config": config.reported(),
-        "data_fingerprint": download.fingerprint(config.data),
+        "data_fingerprint": fingerprint(config.data),
     }
 
 

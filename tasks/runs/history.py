@@ -11,7 +11,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from tasks.store.artifacts import Conflict, Store
+from tasks.config import PipelineConfig
+from tasks.data.sources import fingerprint
+from tasks.runs.registry import Decision
+from tasks.store.artifacts import ArtifactRef, Conflict, Store, key_of
 
 log = logging.getLogger(__name__)
 
@@ -233,3 +236,27 @@ def trend_table(records: list[dict[str, Any]], last: int = 10) -> list[dict[str,
 
 def _percent(value: float | None) -> str:
     return "" if value is None else f"{100 * value:.2f} %"
+
+
+def record(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef], decision: Decision | None,
+           flow_run_id: str | None, *, flow_run_name: str | None = None,
+           wall_s: float | None = None) -> dict[str, Any]:
+    """Append a flow run's record to the store's run history.
+
+    A stage found in the store cost this run no computing: its `duration_s` is 0, not the seconds the run that
+    built it spent; its key says which artifact it was, so a run that re-scored the same models is not a new point.
+    """
+    accuracy = refs["evaluate"].summary.get("accuracy", {}) if "evaluate" in refs else {}
+    return append(store.url, {
+        "flow_run_id": flow_run_id,
+        "flow_run_name": flow_run_name,
+        "profile": config.profile,
+        "dataset": config.data.dataset,
+        "data_fingerprint": fingerprint(config.data),
+        "config_hash": key_of(config.reported())[:16],
+        "wall_s": None if wall_s is None else round(wall_s, 1),
+        "stages": {s: {"cached": r.cached, "duration_s": 0.0 if r.cached else round(r.duration_s, 3),
+                       "key": r.key[:16]} for s, r in refs.items()},
+        "accuracy": accuracy,
+        "promotion": None if decision is None else {"promote": decision.promote, "reason": decision.reason},
+    })

@@ -15,13 +15,14 @@ from typing import Any
 import numpy as np
 
 from tasks.config import PromoteConfig
-from tasks.stages.evaluate import mcnemar_exact
+from tasks.ml.stats import mcnemar_exact
+from tasks.stages.files import MODEL_FILES
 from tasks.store.artifacts import ABSENT, ArtifactError, Conflict, Store
 
 log = logging.getLogger(__name__)
 
 REGISTRY_DIR = "registry"
-MODEL = "pretrained"  # the kind of model a registry holds (tasks.ml.models.MODEL_FILES): the fine-tuned autoencoder
+MODEL = "pretrained"  # the kind of model a registry holds (tasks.stages.files.MODEL_FILES): the fine-tuned autoencoder
 KEY = re.compile(r"[0-9a-f]+")  # artifact keys are sha256 hex digests
 
 
@@ -160,8 +161,6 @@ class Registry:
         Only the key is trusted: a registry's `model_path` is written for readers, but a hand-edited one
         must not make the registry hand out another file.
         """
-        from tasks.ml.models import MODEL_FILES  # Keras comes with it: only needed once a model is
-
         stage, file = MODEL_FILES[MODEL]
         if not KEY.fullmatch(key):
             raise ArtifactError(f"{key!r} in registry {self.location} is not an artifact key")

@@ -9,8 +9,6 @@ from typing import Any
 from tasks.config import BaselinesConfig, SplitSpec
 from tasks.data.splits import load_splits
 from tasks.ml.models import (
-    MODEL_FILES,
-    TENSORBOARD_DIR,
     TRAINING_CODE,
     Progress,
     build_ann,
@@ -20,13 +18,10 @@ from tasks.ml.models import (
     write_history,
 )
 from tasks.pipeline.contract import Contract
+from tasks.stages.files import HISTORY_FILES, MODEL_FILES, TENSORBOARD_DIR
 
 log = logging.getLogger(__name__)
 
-SOFTMAX_FILE = MODEL_FILES["softmax"][1]
-ANN_FILE = MODEL_FILES["ann"][1]
-SOFTMAX_HISTORY_FILE = "softmax_history.json"
-ANN_HISTORY_FILE = "ann_history.json"
 
 
 def run(cfg: BaselinesConfig, split: SplitSpec, data_dir: Path, out: Path,
@@ -42,8 +37,8 @@ def run(cfg: BaselinesConfig, split: SplitSpec, data_dir: Path, out: Path,
     data = load_splits(data_dir, split)
     validation = (data.x_val, data.y_val) if len(data.x_val) else None
     models = {
-        "softmax": (build_softmax_regression(), SOFTMAX_FILE, SOFTMAX_HISTORY_FILE),
-        "ann": (build_ann(hidden, activation, cfg.init, seed), ANN_FILE, ANN_HISTORY_FILE),
+        "softmax": (build_softmax_regression(), MODEL_FILES["softmax"][1], HISTORY_FILES["softmax"][1]),
+        "ann": (build_ann(hidden, activation, cfg.init, seed), MODEL_FILES["ann"][1], HISTORY_FILES["ann"][1]),
     }
     summary: dict[str, Any] = {"train_size": len(data.x_train), "val_size": len(data.x_val),
                                "hidden": list(hidden), "activation": activation, "init": cfg.init}
@@ -61,6 +56,7 @@ def run(cfg: BaselinesConfig, split: SplitSpec, data_dir: Path, out: Path,
 # It needs only validated data, so it runs beside pretraining and fine-tuning.
 CONTRACT = Contract(stage="baselines", run=run, section="baselines", shared=("split", "seed", "hidden", "activation"),
                     reads={"data_dir": "download"}, after=("validate",),
-                    writes=(SOFTMAX_FILE, ANN_FILE, SOFTMAX_HISTORY_FILE, ANN_HISTORY_FILE),
+                    writes=tuple(files[model][1] for files in (MODEL_FILES, HISTORY_FILES)
+                                 for model in ("softmax", "ann")),
                     code=(__name__, *TRAINING_CODE), progress=True)
 

@@ -9,8 +9,6 @@ from typing import Any
 from tasks.config import FinetuneConfig, SplitSpec
 from tasks.data.splits import Splits, load_splits
 from tasks.ml.models import (
-    MODEL_FILES,
-    TENSORBOARD_DIR,
     TRAINING_CODE,
     Progress,
     build_classifier,
@@ -21,13 +19,10 @@ from tasks.ml.models import (
     write_history,
 )
 from tasks.pipeline.contract import Contract
+from tasks.stages.files import HISTORY_FILES, MODEL_FILES, TENSORBOARD_DIR
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = MODEL_FILES["pretrained"][1]
-PROBE_FILE = MODEL_FILES["probe"][1]
-HISTORY_FILE = "history.json"
-PROBE_HISTORY_FILE = "probe_history.json"
 
 
 def run(cfg: FinetuneConfig, split: SplitSpec, data_dir: Path, pretrain_dir: Path, out: Path,
@@ -51,11 +46,11 @@ def run(cfg: FinetuneConfig, split: SplitSpec, data_dir: Path, pretrain_dir: Pat
 
 
 CONTRACT = Contract(stage="finetune", run=run, section="finetune", shared=("split", "seed"),
-                    reads={"data_dir": "download", "pretrain_dir": "pretrain"}, writes=(MODEL_FILE, HISTORY_FILE),
+                    reads={"data_dir": "download", "pretrain_dir": "pretrain"},
+                    writes=(MODEL_FILES["pretrained"][1], HISTORY_FILES["pretrained"][1]),
                     code=(__name__, *TRAINING_CODE), progress=True)
 
 
-FILES = {"pretrained": (MODEL_FILE, HISTORY_FILE), "probe": (PROBE_FILE, PROBE_HISTORY_FILE)}
 
 
 def _train(cfg: FinetuneConfig, data: Splits, autoencoder: Any, freeze: bool, out: Path, name: str,
@@ -65,7 +60,7 @@ def _train(cfg: FinetuneConfig, data: Splits, autoencoder: Any, freeze: bool, ou
     validation = (data.x_val, data.y_val) if len(data.x_val) else None
     rows, summary = fit(model, data.x_train, data.y_train, validation, cfg, progress, seed=seed,
                         tensorboard=out / TENSORBOARD_DIR, name=name, part=part)
-    model_file, history_file = FILES[name]
+    model_file, history_file = MODEL_FILES[name][1], HISTORY_FILES[name][1]
     model.save(out / model_file)
     write_history(rows, out / history_file)
     return summary

@@ -13,8 +13,6 @@ from matplotlib.figure import Figure
 from tasks.config import PretrainConfig, SplitSpec
 from tasks.data.splits import load_splits
 from tasks.ml.models import (
-    AUTOENCODER_FILE,
-    TENSORBOARD_DIR,
     TRAINING_CODE,
     Progress,
     build_autoencoder,
@@ -23,11 +21,10 @@ from tasks.ml.models import (
     write_history,
 )
 from tasks.pipeline.contract import Contract
+from tasks.stages.files import AUTOENCODER_FILE, HISTORY_FILE, RECONSTRUCTION_FILE, TENSORBOARD_DIR
 
 log = logging.getLogger(__name__)
 
-HISTORY_FILE = "history.json"
-FIGURE_FILE = "reconstruction.png"
 EXAMPLES_TO_SHOW = 10
 
 
@@ -51,7 +48,7 @@ def run(cfg: PretrainConfig, split: SplitSpec, data_dir: Path, out: Path,
     write_history(rows, out / HISTORY_FILE)
     reconstructed = model.predict(data.x_test, batch_size=1024, verbose=0)
     shown = slice(0, EXAMPLES_TO_SHOW)
-    save_reconstructions(data.x_test[shown], reconstructed[shown], out / FIGURE_FILE)
+    save_reconstructions(data.x_test[shown], reconstructed[shown], out / RECONSTRUCTION_FILE)
 
     summary.update(
         train_size=len(data.x_train),
@@ -68,7 +65,7 @@ def run(cfg: PretrainConfig, split: SplitSpec, data_dir: Path, out: Path,
 # Pretraining sees the training images only after they passed validation; it never reads their labels.
 CONTRACT = Contract(stage="pretrain", run=run, section="pretrain", shared=("split", "seed"),
                     reads={"data_dir": "download"}, after=("validate",),
-                    writes=(AUTOENCODER_FILE, HISTORY_FILE, FIGURE_FILE), code=(__name__, *TRAINING_CODE),
+                    writes=(AUTOENCODER_FILE, HISTORY_FILE, RECONSTRUCTION_FILE), code=(__name__, *TRAINING_CODE),
                     progress=True)
 
 

@@ -28,15 +28,22 @@ from tasks.document import (
     render,
 )
 from tasks.ml.models import best_row
+from tasks.ml.stats import ordered
 from tasks.pipeline.contract import Contract
-from tasks.stages import baselines, finetune, pretrain
-from tasks.stages.evaluate import METRICS_FILE, ordered
+from tasks.stages.files import (
+    ACCURACY_FILE,
+    CONFIG_HEADING,
+    HISTORY_FILE,
+    HISTORY_FILES,
+    METRICS_FILE,
+    RECONSTRUCTION_FILE,
+    REPORT_NAME,
+    STAGES_HEADING,
+)
 from tasks.store.artifacts import MANIFEST
 
 log = logging.getLogger(__name__)
 
-ACCURACY_FILE = "accuracy.json"
-REPORT_NAME = "report"
 DPI = 100  # small figures keep the self-contained HTML at a few hundred KB
 
 # The notebook's printed pretraining log (part 3: 784-128-64 sigmoid autoencoder, N(0, 1) init, TF1 RMSProp 0.02,
@@ -59,8 +66,6 @@ MODEL_LABELS = {
 }
 CLAIM_ORDER = ("pretrained", "ann", "softmax")  # the notebook's claim: each beats the next
 # Section headings a run's report rearranges: it replaces the stage table and moves the configuration to the end.
-STAGES_HEADING = "Stage artifacts"
-CONFIG_HEADING = "Configuration"
 
 
 
@@ -147,6 +152,12 @@ def plot_confusion(matrix: list[list[int]], title: str, path: Path) -> Path:
 def _read_json(path: Path) -> Any:
     """The parsed file, or None when it does not exist."""
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _history(inputs: dict[str, Path], model: str) -> Any:
+    """A model's per-epoch rows from its training stage's artifact, or None."""
+    stage, file = HISTORY_FILES[model]
+    return _read_json(inputs[stage] / file)
 
 
 def _pct(x: float) -> str:
@@ -252,7 +263,7 @@ def pretrain_section(pretrain_dir: Path, pretrain_cfg: dict[str, Any] | None,
                      out: Path) -> tuple[list[Block], float | None]:
     """Loss curve against the notebook's log, the side-by-side table, and the reconstruction figure."""
     blocks: list[Block] = [Heading("Pretraining")]
-    history = _read_json(pretrain_dir / pretrain.HISTORY_FILE) or []
+    history = _read_json(pretrain_dir / HISTORY_FILE) or []
     comparable = notebook_comparable(pretrain_cfg)
     difference = None
     if history:
@@ -271,7 +282,7 @@ def pretrain_section(pretrain_dir: Path, pretrain_cfg: dict[str, Any] | None,
             blocks.append(_loss_table(history))
     else:
         blocks.append(Paragraph("The pretraining history is missing."))
-    figure = pretrain_dir / pretrain.FIGURE_FILE
+    figure = pretrain_dir / RECONSTRUCTION_FILE
     if figure.is_file():
         shutil.copyfile(figure, out / figure.name)
         blocks.append(Image(figure.name, "Test digits and their reconstructions",
@@ -426,8 +437,7 @@ CONTRACT = Contract(stage="report", run=run, section="report", shared=("config",
                     reads={"validate_dir": "validate", "pretrain_dir": "pretrain", "finetune_dir": "finetune",
                            "baselines_dir": "baselines", "evaluate_dir": "evaluate"},
                     writes=(f"{REPORT_NAME}.md", f"{REPORT_NAME}.html", BLOCKS_FILE, ACCURACY_FILE),
-                    code=(__name__, "tasks.document", "tasks.stages.evaluate", "tasks.ml.models",
-                          "tasks.stages.pretrain", "tasks.stages.finetune", "tasks.stages.baselines"))
+                    code=(__name__, "tasks.document", "tasks.stages.files", "tasks.ml.stats", "tasks.ml.models"))
 
 
 def write_report(cfg: ReportConfig, inputs: dict[str, Path], run_info: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -456,14 +466,13 @@ def write_report(cfg: ReportConfig, inputs: dict[str, Path], run_info: dict[str,
     if "finetune" in inputs:
         blocks += training_section(
             "Fine-tuning", "The encoder with a softmax head, trained on the labels.",
-            {"fine-tuned": _read_json(inputs["finetune"] / finetune.HISTORY_FILE),
-             "probe": _read_json(inputs["finetune"] / finetune.PROBE_HISTORY_FILE)}, out, "finetune_curves.png",
+            {"fine-tuned": _history(inputs, "pretrained"), "probe": _history(inputs, "probe")}, out,
+            "finetune_curves.png",
             _early_stopped(config, "finetune"))
     if "baselines" in inputs:
         blocks += training_section(
             "Baselines", "The same classifiers without pretraining.",
-            {"softmax": _read_json(inputs["baselines"] / baselines.SOFTMAX_HISTORY_FILE),
-             "ann": _read_json(inputs["baselines"] / baselines.ANN_HISTORY_FILE)}, out, "baselines_curves.png",
+            {"softmax": _history(inputs, "softmax"), "ann": _history(inputs, "ann")}, out, "baselines_curves.png",
             _early_stopped(config, "baselines"))
     if metrics:
         blocks += confusion_section(metrics, out)

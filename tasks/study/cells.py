@@ -20,9 +20,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from tasks.config import Init, Optimizer, SplitSpec, StudyConfig, StudyModel, TrainConfig
+from tasks.data.mnist import CLASSES
 from tasks.data.splits import load_splits
+from tasks.ml.inference import probabilities
 from tasks.ml.models import (
-    NUM_CLASSES,
     TRAINING_CODE,
     build_ann,
     build_classifier,
@@ -34,7 +35,6 @@ from tasks.ml.models import (
     write_history,
 )
 from tasks.pipeline.contract import Contract
-from tasks.stages.evaluate import as_probabilities, check_finite
 
 log = logging.getLogger(__name__)
 
@@ -153,10 +153,8 @@ def train(cell: Cell, x: np.ndarray, y: np.ndarray, hidden: tuple[int, ...], act
 
 def predict_classes(model: Any, x: np.ndarray, name: str) -> np.ndarray:
     """The model's predicted class of each image; refuses non-finite outputs."""
-    outputs = np.asarray(model.predict(x, batch_size=1024, verbose=0), dtype=np.float64)
-    check_finite(outputs, Path(name))
-    probabilities, _ = as_probabilities(outputs)
-    return probabilities.argmax(axis=1).astype(np.uint8)
+    probs, _ = probabilities(model, x, Path(name))
+    return probs.argmax(axis=1).astype(np.uint8)
 
 
 def run(cfg: Cell, split: SplitSpec, hidden: tuple[int, ...], activation: str, data_dir: Path, out: Path,
@@ -178,7 +176,7 @@ def run(cfg: Cell, split: SplitSpec, hidden: tuple[int, ...], activation: str, d
     correct = int(np.sum(predicted == data.y_test))
     summary = {
         "model": cfg.model, "budget": cfg.budget, "seed": cfg.seed,
-        "class_counts": np.bincount(data.y_train[chosen], minlength=NUM_CLASSES).tolist(),
+        "class_counts": np.bincount(data.y_train[chosen], minlength=CLASSES).tolist(),
         "steps": plan.steps, "passes": plan.passes, "repeats": plan.repeats, "batch_size": plan.batch_size,
         "train_loss": rows[-1]["loss_mean"], "train_accuracy": rows[-1].get("accuracy"),
         "n_test": len(predicted), "correct": correct, "accuracy": correct / len(predicted),

@@ -15,8 +15,8 @@ from scipy.stats import t as student_t
 
 from tasks import document
 from tasks.config import StudyConfig
+from tasks.ml.stats import mcnemar_exact
 from tasks.pipeline.contract import Contract
-from tasks.stages.evaluate import mcnemar_exact
 from tasks.store.artifacts import Store
 from tasks.study.cells import load_predictions
 
