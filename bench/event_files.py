@@ -19,7 +19,8 @@ import numpy as np
 
 from tasks.config import load_config
 from tasks.data.sources import read_mirror
-from tasks.ml.models import build_autoencoder, fit, seed_everything
+from tasks.ml.networks import build_autoencoder
+from tasks.ml.training import fit, seed_everything
 
 
 def _images(count: int) -> np.ndarray:

@@ -138,7 +138,7 @@ def measure(variant: str, epochs: int, data_dir: Path) -> dict[str, float]:
 
     from tasks.config import load_config
     from tasks.data.splits import load_splits
-    from tasks.ml import models
+    from tasks.ml import networks, optimizers, training
     from tasks.stages import pretrain
     from tasks.stages.files import HISTORY_FILE
 
@@ -150,13 +150,13 @@ def measure(variant: str, epochs: int, data_dir: Path) -> dict[str, float]:
     else:
         keras.utils.set_random_seed(config.seed)
         data = load_splits(data_dir, config.data.split())
-        model = models.build_autoencoder(config.pretrain, config.seed)
+        model = networks.build_autoencoder(config.pretrain, config.seed)
         if variant != "xla":
             tf.config.experimental.enable_op_determinism()
         settings = dict(jit_compile=variant == "xla",
-                        steps_per_execution=1 if variant == "previous" else models.STEPS_PER_EXECUTION)
-        model.compile(optimizer=models.make_optimizer("rmsprop_tf1", config.pretrain.learning_rate),
-                      loss=models.RECONSTRUCTION_LOSS, **settings)
+                        steps_per_execution=1 if variant == "previous" else training.STEPS_PER_EXECUTION)
+        model.compile(optimizer=optimizers.make_optimizer("rmsprop_tf1", config.pretrain.learning_rate),
+                      loss=training.RECONSTRUCTION_LOSS, **settings)
         seconds = []
 
         class Timer(keras.callbacks.Callback):
@@ -174,7 +174,7 @@ def measure(variant: str, epochs: int, data_dir: Path) -> dict[str, float]:
                           .prefetch(tf.data.AUTOTUNE))
         # The same work as the stage: the held-out images' loss after every epoch, for its history.
         model.fit(**inputs, epochs=epochs, validation_data=(data.x_val, data.x_val),
-                  validation_batch_size=models.EVALUATION_BATCH, callbacks=[Timer()], verbose=0)
+                  validation_batch_size=training.EVALUATION_BATCH, callbacks=[Timer()], verbose=0)
     return {"first_epoch_s": seconds[0], "epoch_s": statistics.median(seconds[1:])}
 
 

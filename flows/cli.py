@@ -50,7 +50,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return tuple(errors)
 
 
-_STAGE_ERRORS = {"tasks.pipeline.graph": ("MissingUpstream",), "tasks.ml.models": ("ModelError", "TrainingDiverged"),
+_STAGE_ERRORS = {"tasks.pipeline.graph": ("MissingUpstream",), "tasks.ml.saved": ("ModelError",),
+                 "tasks.ml.training": ("TrainingDiverged",),
                  "tasks.data.checks": ("ValidationFailed",)}
 
 

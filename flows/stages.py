@@ -29,7 +29,7 @@ from tasks.config import PipelineConfig, Stage
 from tasks.data import intake
 from tasks.data.intake import Intake
 from tasks.data.sources import NetworkError
-from tasks.ml.models import EpochEnd, Progress
+from tasks.ml.progress import EpochEnd, Progress
 from tasks.pipeline import graph
 from tasks.runs import history, promotion, run_report
 from tasks.store.artifacts import ArtifactRef, Store

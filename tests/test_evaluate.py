@@ -12,7 +12,7 @@ import pytest
 from tasks.config import EvaluateConfig
 from tasks.data.splits import save_dataset
 from tasks.ml import predictions, stats
-from tasks.ml.models import ModelError
+from tasks.ml.saved import ModelError
 from tasks.stages import evaluate
 from tasks.store.artifacts import ArtifactError, write_manifest
 

@@ -69,3 +69,21 @@ def test_the_cycle_finder_finds_a_circle():
 
 def test_no_import_circle():
     assert cycles(import_graph()) == []
+
+
+def stage_importers(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """Modules of `tasks/` that import a stage module, with the stages they import."""
+    stages = {m for m in graph if m.startswith("tasks.stages.") and m != "tasks.stages.files"}
+    return {m: found for m, deps in graph.items() if m.startswith("tasks") and (found := deps & stages)}
+
+
+def test_only_the_pipeline_graph_imports_a_stage():
+    graph = import_graph()
+    assert set(stage_importers(graph)) == {"tasks.pipeline.graph"}
+    assert stage_importers(graph)["tasks.pipeline.graph"] == {
+        "tasks.stages.download", "tasks.stages.validate", "tasks.stages.pretrain", "tasks.stages.finetune",
+        "tasks.stages.baselines", "tasks.stages.evaluate", "tasks.stages.report"}
+
+
+def test_config_imports_nothing_of_the_project():
+    assert import_graph()["tasks.config"] == set()

@@ -10,18 +10,9 @@ import numpy as np
 import pytest
 
 from tasks.config import PretrainConfig, TrainConfig, load_config
-from tasks.ml.models import (
-    LastBatchLoss,
-    TF1RMSprop,
-    TrainingDiverged,
-    build_ann,
-    build_autoencoder,
-    build_classifier,
-    build_softmax_regression,
-    extract_encoder,
-    fit,
-    make_optimizer,
-)
+from tasks.ml.networks import build_ann, build_autoencoder, build_classifier, build_softmax_regression, extract_encoder
+from tasks.ml.optimizers import TF1RMSprop, make_optimizer
+from tasks.ml.training import LastBatchLoss, TrainingDiverged, fit
 
 
 def _widths(model: keras.Model) -> list[int]:

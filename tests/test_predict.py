@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from tasks.data.images import MAX_PIXELS, ImageError, prepare
-from tasks.ml.models import ModelError
+from tasks.ml.saved import ModelError
 from tasks.serve.predict import Prediction, predict
 from tasks.store.artifacts import write_manifest
 

@@ -11,7 +11,8 @@ import pytest
 
 from tasks.config import load_config
 from tasks.data.splits import Dataset, load_splits, save_dataset
-from tasks.ml.models import build_classifier, extract_encoder, load_autoencoder
+from tasks.ml.networks import build_classifier, extract_encoder
+from tasks.ml.saved import load_autoencoder
 from tasks.stages import baselines, finetune, pretrain
 from tasks.store.artifacts import write_manifest
 

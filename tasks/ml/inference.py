@@ -21,7 +21,7 @@ def as_probabilities(outputs: np.ndarray) -> tuple[np.ndarray, str]:
 
 def predict_with(path: Path, x: np.ndarray) -> tuple[np.ndarray, str]:
     """Load a `.keras` file safely and return its class probabilities on `x`."""
-    from tasks.ml.models import load_model  # Keras is imported only when a model is needed
+    from tasks.ml.saved import load_model  # Keras is imported only when a model is needed
 
     # Predicting needs no optimizer, loss or compiled training step.
     return probabilities(load_model(path, compile=False), x, Path(path))
@@ -39,7 +39,7 @@ def probabilities(model: Any, x: np.ndarray, path: Path) -> tuple[np.ndarray, st
 
 def check_finite(outputs: np.ndarray, path: Path) -> None:
     """Refuse a model whose outputs hold NaN or infinity: its argmax would be an arbitrary class."""
-    from tasks.ml.models import ModelError
+    from tasks.ml.saved import ModelError
 
     bad = int(np.sum(~np.isfinite(outputs).all(axis=1)))
     if bad:

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from tasks.config import ConfigError, PipelineConfig, Stage
 from tasks.data.sources import fingerprint
-from tasks.ml.models import Progress
+from tasks.ml.progress import Progress
 from tasks.pipeline.contract import Contract
 from tasks.stages import baselines, download, evaluate, finetune, pretrain, report, validate
 from tasks.store.artifacts import ABSENT, ArtifactRef, Store, key_of

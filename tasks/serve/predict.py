@@ -29,7 +29,7 @@ class Prediction:
 
 def predict(model_path: Path, image_paths: list[Path]) -> list[Prediction]:
     """Predict the digit of every image with the saved Keras model; a bad file gets an error, not an exception."""
-    from tasks.ml.models import load_model  # Keras is imported only when a model is needed, so prepare() stays light
+    from tasks.ml.saved import load_model  # Keras is imported only when a model is needed, so prepare() stays light
 
     model = load_model(Path(model_path), compile=False)  # predicting needs no optimizer or loss
     prepared: dict[int, np.ndarray] = {}

@@ -8,15 +8,9 @@ from typing import Any
 
 from tasks.config import BaselinesConfig, SplitSpec
 from tasks.data.splits import load_splits
-from tasks.ml.models import (
-    TRAINING_CODE,
-    Progress,
-    build_ann,
-    build_softmax_regression,
-    fit,
-    seed_everything,
-    write_history,
-)
+from tasks.ml.networks import build_ann, build_softmax_regression
+from tasks.ml.progress import Progress
+from tasks.ml.training import TRAINING_CODE, fit, seed_everything, write_history
 from tasks.pipeline.contract import Contract
 from tasks.stages.files import HISTORY_FILES, MODEL_FILES, TENSORBOARD_DIR
 

@@ -62,7 +62,7 @@ def run(cfg: EvaluateConfig, split: SplitSpec, data_dir: Path, finetune_dir: Pat
 CONTRACT = Contract(stage="evaluate", run=run, section="evaluate", shared=("split",),
                     reads={"data_dir": "download", "finetune_dir": "finetune", "baselines_dir": "baselines"},
                     writes=(METRICS_FILE, PREDICTIONS_FILE),
-                    code=(__name__, "tasks.ml.models", "tasks.ml.stats", "tasks.ml.inference", "tasks.ml.predictions",
+                    code=(__name__, "tasks.ml.saved", "tasks.ml.stats", "tasks.ml.inference", "tasks.ml.predictions",
                           "tasks.data.splits"))
 
 

@@ -8,16 +8,10 @@ from typing import Any
 
 from tasks.config import FinetuneConfig, SplitSpec
 from tasks.data.splits import Splits, load_splits
-from tasks.ml.models import (
-    TRAINING_CODE,
-    Progress,
-    build_classifier,
-    extract_encoder,
-    fit,
-    load_autoencoder,
-    seed_everything,
-    write_history,
-)
+from tasks.ml.networks import build_classifier, extract_encoder
+from tasks.ml.progress import Progress
+from tasks.ml.saved import load_autoencoder
+from tasks.ml.training import TRAINING_CODE, fit, seed_everything, write_history
 from tasks.pipeline.contract import Contract
 from tasks.stages.files import HISTORY_FILES, MODEL_FILES, TENSORBOARD_DIR
 

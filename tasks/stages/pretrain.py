@@ -12,14 +12,9 @@ from matplotlib.figure import Figure
 
 from tasks.config import PretrainConfig, SplitSpec
 from tasks.data.splits import load_splits
-from tasks.ml.models import (
-    TRAINING_CODE,
-    Progress,
-    build_autoencoder,
-    fit,
-    seed_everything,
-    write_history,
-)
+from tasks.ml.networks import build_autoencoder
+from tasks.ml.progress import Progress
+from tasks.ml.training import TRAINING_CODE, fit, seed_everything, write_history
 from tasks.pipeline.contract import Contract
 from tasks.stages.files import AUTOENCODER_FILE, HISTORY_FILE, RECONSTRUCTION_FILE, TENSORBOARD_DIR
 

@@ -27,8 +27,8 @@ from tasks.document import (
     Table,
     render,
 )
-from tasks.ml.models import best_row
 from tasks.ml.stats import ordered
+from tasks.ml.training import best_row
 from tasks.pipeline.contract import Contract
 from tasks.stages.files import (
     ACCURACY_FILE,
@@ -437,7 +437,7 @@ CONTRACT = Contract(stage="report", run=run, section="report", shared=("config",
                     reads={"validate_dir": "validate", "pretrain_dir": "pretrain", "finetune_dir": "finetune",
                            "baselines_dir": "baselines", "evaluate_dir": "evaluate"},
                     writes=(f"{REPORT_NAME}.md", f"{REPORT_NAME}.html", BLOCKS_FILE, ACCURACY_FILE),
-                    code=(__name__, "tasks.document", "tasks.stages.files", "tasks.ml.stats", "tasks.ml.models"))
+                    code=(__name__, "tasks.document", "tasks.stages.files", "tasks.ml.stats", "tasks.ml.training"))
 
 
 def write_report(cfg: ReportConfig, inputs: dict[str, Path], run_info: dict[str, Any], out: Path) -> dict[str, Any]:

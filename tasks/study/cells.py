@@ -23,17 +23,9 @@ from tasks.config import Init, Optimizer, SplitSpec, StudyConfig, StudyModel, Tr
 from tasks.data.mnist import CLASSES
 from tasks.data.splits import load_splits
 from tasks.ml.inference import probabilities
-from tasks.ml.models import (
-    TRAINING_CODE,
-    build_ann,
-    build_classifier,
-    build_softmax_regression,
-    extract_encoder,
-    fit,
-    load_autoencoder,
-    seed_everything,
-    write_history,
-)
+from tasks.ml.networks import build_ann, build_classifier, build_softmax_regression, extract_encoder
+from tasks.ml.saved import load_autoencoder
+from tasks.ml.training import TRAINING_CODE, fit, seed_everything, write_history
 from tasks.pipeline.contract import Contract
 
 log = logging.getLogger(__name__)

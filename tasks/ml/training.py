@@ -1,33 +1,25 @@
-"""The notebook's networks in Keras 3, TF1's RMSProp, and the one training loop all stages share."""
+"""The one training loop all stages share: compile, seeded input pipeline, per-epoch rows, divergence checks."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
-import random
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
-from keras import layers, ops
+from keras import ops
 
 from tasks.config import BaselinesConfig, FinetuneConfig, PretrainConfig, TrainConfig
-from tasks.data.mnist import CLASSES, PIXELS
 from tasks.ml.inputs import steps_per_epoch, training_batches
-from tasks.stages.files import AUTOENCODER_FILE
-from tasks.store.artifacts import verified_file
+from tasks.ml.optimizers import make_optimizer
+from tasks.ml.progress import EpochEnd, Progress
 
 log = logging.getLogger(__name__)
-
-
-class ModelError(ValueError):
-    """A model file cannot be used (it will not load safely, or its outputs are not finite); names the file."""
 
 
 class TrainingDiverged(ArithmeticError):
@@ -39,63 +31,22 @@ SECTIONS: dict[type[TrainConfig], str] = {PretrainConfig: "pretrain", FinetuneCo
                                           BaselinesConfig: "baselines"}
 
 
-
-@dataclass(frozen=True)
-class EpochEnd:
-    """One finished epoch of one model, as a training stage reports it to the orchestration."""
-
-    model: str  # the Keras model's name: autoencoder, classifier, probe, softmax, ann
-    epoch: int
-    epochs: int  # planned epochs of this model
-    logs: dict[str, float]
-    done: float  # share of the stage's planned epochs (all its models) finished, 0..1
-
-
-Progress = Callable[[EpochEnd], None]
 RECONSTRUCTION_LOSS = "mean_squared_error"
+
+
 # Training steps per compiled call: fewer round trips from Python per epoch, the same updates (bench/speed.py).
 STEPS_PER_EXECUTION = 32
+
+
 # The modules whose code every training stage's result depends on (part of their artifacts' keys).
-TRAINING_CODE = ("tasks.ml.models", "tasks.ml.inputs", "tasks.data.splits")
+TRAINING_CODE = ("tasks.ml.networks", "tasks.ml.optimizers", "tasks.ml.training", "tasks.ml.saved", "tasks.ml.inputs",
+                 "tasks.data.splits")
+
+
 EVALUATION_BATCH = 2048  # images per step of the validation pass after each epoch: fewer, larger matmuls
+
+
 CLASSIFICATION_LOSS = "sparse_categorical_crossentropy"
-
-
-@keras.saving.register_keras_serializable(package="mnist_ae")
-class TF1RMSprop(keras.optimizers.Optimizer):
-    """TF1's `RMSPropOptimizer` without momentum: accumulator starts at 1.0 and epsilon sits inside the square root.
-
-    Keras's own RMSprop starts the accumulator at 0, so its first steps are about lr / sqrt(1 - rho) ~ 3x larger
-    per weight; with N(0, 1) sigmoid networks that trains very differently from the notebook.
-    """
-
-    def __init__(self, learning_rate=0.001, rho=0.9, epsilon=1e-10, initial_accumulator=1.0,
-                 name="tf1_rmsprop", **kwargs):
-        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
-        self.rho = rho
-        self.epsilon = epsilon
-        self.initial_accumulator = initial_accumulator
-
-    def build(self, var_list):
-        if self.built:
-            return
-        super().build(var_list)
-        self._ms = self.add_optimizer_variables(
-            var_list, "ms", initializer=keras.initializers.Constant(self.initial_accumulator)
-        )
-
-    def update_step(self, gradient, variable, learning_rate):
-        lr = ops.cast(learning_rate, variable.dtype)
-        grad = ops.cast(gradient, variable.dtype)
-        ms = self._ms[self._get_variable_index(variable)]
-        # The same arithmetic as TF1's ApplyRMSProp kernel: ms += (g^2 - ms) * (1 - rho).
-        self.assign(ms, ops.add(ms, ops.multiply(ops.subtract(ops.square(grad), ms), 1.0 - self.rho)))
-        self.assign_sub(variable, ops.divide(ops.multiply(lr, grad), ops.sqrt(ops.add(ms, self.epsilon))))
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(rho=self.rho, epsilon=self.epsilon, initial_accumulator=self.initial_accumulator)
-        return config
 
 
 @keras.saving.register_keras_serializable(package="mnist_ae")
@@ -116,143 +67,6 @@ class LastBatchLoss(keras.metrics.Metric):
 
     def get_config(self):
         return {"loss": self.loss, "name": self.name, "dtype": self.dtype}
-
-
-def make_optimizer(name: str, learning_rate: float | keras.optimizers.schedules.LearningRateSchedule
-                   ) -> keras.optimizers.Optimizer:
-    """A fresh optimizer by its config name ("sgd" is plain gradient descent, as TF1's GradientDescentOptimizer)."""
-    factories: dict[str, Callable[..., keras.optimizers.Optimizer]] = {
-        "rmsprop_tf1": TF1RMSprop, "rmsprop": keras.optimizers.RMSprop, "adam": keras.optimizers.Adam,
-        "sgd": keras.optimizers.SGD,
-    }
-    if name not in factories:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(factories)}")
-    # A fixed name: Keras would otherwise number optimizers per process ("adam_1"), and that name is saved in
-    # the model file, so the same training would write different bytes depending on what the process ran before.
-    return factories[name](learning_rate=learning_rate, name=name)
-
-
-def _initializers(init: str, seeds: random.Random) -> tuple[keras.initializers.Initializer,
-                                                              keras.initializers.Initializer]:
-    """Fresh (kernel, bias) initializers, each with its own seed drawn from `seeds`.
-
-    Explicit seeds, because an unseeded Keras initializer draws its seed from Python's global `random`, which
-    other threads of the process (a Dask worker's, Prefect's) may draw from too. They are drawn as Keras draws
-    them (`randint(1, 10**9)`, one per random initializer, in build order), so a run seed gives the weights an
-    unseeded build gave right after `keras.utils.set_random_seed`.
-    """
-
-    def seed() -> int:
-        return seeds.randint(1, int(1e9))
-
-    if init == "normal":
-        # tf.random_normal in the notebook: N(0, 1) for weights and biases alike.
-        kernel = keras.initializers.RandomNormal(0.0, 1.0, seed=seed())
-        return kernel, keras.initializers.RandomNormal(0.0, 1.0, seed=seed())
-    if init == "glorot_uniform":
-        return keras.initializers.GlorotUniform(seed=seed()), keras.initializers.Zeros()
-    if init == "he_normal":
-        return keras.initializers.HeNormal(seed=seed()), keras.initializers.Zeros()
-    raise ValueError(f"unknown initialisation {init!r}")
-
-
-def _dense(units: int, activation: str, init: str, name: str, seeds: random.Random) -> layers.Dense:
-    kernel, bias = _initializers(init, seeds)
-    return layers.Dense(units, activation=activation, kernel_initializer=kernel, bias_initializer=bias, name=name)
-
-
-def _head() -> layers.Dense:
-    """The softmax layer, zero-initialised like the notebook's W_softmax and b_softmax."""
-    return layers.Dense(CLASSES, activation="softmax", kernel_initializer="zeros", bias_initializer="zeros",
-                        name="head")
-
-
-def build_autoencoder(cfg: PretrainConfig, seed: int = 0) -> keras.Model:
-    """784 -> cfg.hidden -> mirrored decoder -> 784 with a sigmoid output; layers named enc_i and dec_i."""
-    inputs = keras.Input((PIXELS,), name="pixels")
-    x = inputs
-    seeds = random.Random(seed)
-    # Encoder
-    for i, units in enumerate(cfg.hidden):
-        x = _dense(units, cfg.activation, cfg.init, f"enc_{i}", seeds)(x)
-    # Decoder
-    widths = [*reversed(cfg.hidden[:-1]), PIXELS]
-    for i, units in enumerate(widths):
-        activation = "sigmoid" if i == len(widths) - 1 else cfg.activation
-        x = _dense(units, activation, cfg.init, f"dec_{i}", seeds)(x)
-    return keras.Model(inputs, x, name="autoencoder")
-
-
-def load_model(path: Path, compile: bool = True) -> keras.Model:
-    """Load a stored model with safe mode on, only once its artifact's manifest vouches for the file.
-
-    Importing this module registers the custom objects a model may use.
-    """
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no such model file")
-    verified_file(Path(path))
-    try:
-        return keras.saving.load_model(path, compile=compile, safe_mode=True)
-    except Exception as exc:  # Keras raises many types for a file it cannot or must not load
-        if "safe_mode" in str(exc):
-            raise ModelError(f"{path}: refused, the model holds Python code (e.g. a Lambda layer) that "
-                             "safe loading never runs") from None
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{path}: not a loadable Keras model ({first})") from None
-
-
-def load_autoencoder(pretrain_dir: Path) -> keras.Model:
-    """The trained autoencoder of a pretrain artifact, without its optimizer state."""
-    return load_model(Path(pretrain_dir) / AUTOENCODER_FILE, compile=False)
-
-
-def encoder_layers(autoencoder: keras.Model) -> list[layers.Layer]:
-    """The autoencoder's encoder layers in order."""
-    found = [layer for layer in autoencoder.layers if layer.name.startswith("enc_")]
-    if not found:
-        raise ValueError(f"model {autoencoder.name!r} has no enc_* layers")
-    return sorted(found, key=lambda layer: int(layer.name.split("_")[1]))
-
-
-def extract_encoder(autoencoder: keras.Model) -> keras.Model:
-    """A new 784 -> last-hidden model holding copies of the autoencoder's encoder weights."""
-    inputs = keras.Input((PIXELS,), name="pixels")
-    x = inputs
-    for source in encoder_layers(autoencoder):
-        # Copies, not shared layers: fine-tuning must not alter the loaded autoencoder.
-        layer = layers.Dense.from_config(source.get_config())
-        x = layer(x)
-        layer.set_weights(source.get_weights())
-    return keras.Model(inputs, x, name="encoder")
-
-
-def build_classifier(encoder: keras.Model, freeze: bool) -> keras.Model:
-    """The encoder topped by the zero-initialised softmax head; a frozen encoder runs in inference mode."""
-    inputs = keras.Input((PIXELS,), name="pixels")
-    if freeze:
-        # keras-io transfer-learning recipe: non-trainable, and called with training=False.
-        encoder.trainable = False
-        features = encoder(inputs, training=False)
-    else:
-        encoder.trainable = True
-        features = encoder(inputs)
-    return keras.Model(inputs, _head()(features), name="classifier")
-
-
-def build_softmax_regression() -> keras.Model:
-    """The notebook's baseline: softmax regression on the raw pixels, zero-initialised."""
-    inputs = keras.Input((PIXELS,), name="pixels")
-    return keras.Model(inputs, _head()(inputs), name="softmax")
-
-
-def build_ann(hidden: tuple[int, ...], activation: str, init: str, seed: int = 0) -> keras.Model:
-    """The same classifier shape trained from a random initialisation, without pretraining."""
-    inputs = keras.Input((PIXELS,), name="pixels")
-    x = inputs
-    seeds = random.Random(seed)
-    for i, units in enumerate(hidden):
-        x = _dense(units, activation, init, f"hidden_{i}", seeds)(x)
-    return keras.Model(inputs, _head()(x), name="ann")
 
 
 def compile_model(model: keras.Model, cfg: TrainConfig, loss: str, steps: int = 1) -> None:
