@@ -69,6 +69,13 @@ FOLDED_CODE_LINES = 15  # longer code blocks (a config dump) are folded in HTML 
 _KIND_OF = {cls: kind for kind, cls in _KINDS.items()}
 
 
+def percent(share: float | None, digits: int | None = 2, sep: str = " ", missing: str = "") -> str:
+    """A share as a percentage, 0.9612 -> "96.12 %"; `digits=None` keeps the digits it needs (0.105 -> "10.5 %")."""
+    if share is None:
+        return missing
+    return f"{100 * share:g}{sep}%" if digits is None else f"{100 * share:.{digits}f}{sep}%"
+
+
 def table_from_records(records: list[dict[str, Any]]) -> Table:
     """A table whose columns are the records' keys in first-seen order."""
     header = list(dict.fromkeys(k for r in records for k in r))

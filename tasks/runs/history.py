@@ -13,6 +13,7 @@ import numpy as np
 
 from tasks.config import PipelineConfig
 from tasks.data.sources import fingerprint
+from tasks.document import percent
 from tasks.runs.registry import Decision
 from tasks.store.artifacts import ArtifactRef, Conflict, Store, key_of
 
@@ -227,15 +228,11 @@ def trend_table(records: list[dict[str, Any]], last: int = 10) -> list[dict[str,
             "Computed": f"{len(computed)}/{len(stages)}",
             "Models": models_from,
             "Seconds": "" if wall is None else f"{wall:,.1f}",
-            **{name: _percent(r.get("accuracy", {}).get(name)) for name in names},
+            **{name: percent(r.get("accuracy", {}).get(name)) for name in names},
             "Promoted": {True: "yes", False: "no"}.get(promotion.get("promote") is True, "-")
             if isinstance(promotion.get("promote"), bool) else "-",
         })
     return rows
-
-
-def _percent(value: float | None) -> str:
-    return "" if value is None else f"{100 * value:.2f} %"
 
 
 def record(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef], decision: Decision | None,

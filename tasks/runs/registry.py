@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from tasks.config import PromoteConfig
+from tasks.document import percent
 from tasks.ml.stats import mcnemar_exact
 from tasks.stages.files import MODEL_FILES
 from tasks.store.artifacts import ABSENT, ArtifactError, Conflict, Store
@@ -63,13 +64,14 @@ def decide(
     baseline = None if baseline_correct is None else _as_bool(baseline_correct, "baseline_correct")
     base = None if baseline is None else float(baseline.mean())
     if not validation_passed:
-        return Decision(False, f"data validation failed: challenger {_pct(acc)} never promoted",
+        return Decision(False, f"data validation failed: challenger {percent(acc, sep='')} never promoted",
                         None, acc, None, None, None, base)
     if failed := _gate(challenger, baseline, cfg):
-        return Decision(False, f"challenger {_pct(acc)} {failed}: not promoted", None, acc, None, None, None, base)
+        return Decision(False, f"challenger {percent(acc, sep='')} {failed}: not promoted", None, acc, None, None, None,
+                        base)
     if champion_correct is None:
-        return Decision(True, f"first model: challenger {_pct(acc)} beats its run's softmax baseline "
-                        f"{_pct(base or 0.0)}: becomes champion", None, acc, None, None, None, base)
+        return Decision(True, f"first model: challenger {percent(acc, sep='')} beats its run's softmax baseline "
+                        f"{percent(base or 0.0, sep='')}: becomes champion", None, acc, None, None, None, base)
     champion = _as_bool(champion_correct, "champion_correct")
     if champion.shape != challenger.shape:
         raise ValueError(f"champion and challenger were scored on different test sets "
@@ -80,7 +82,7 @@ def decide(
     p = mcnemar_exact(b, c)
     # (c - b) / n is the accuracy difference without the rounding of two separate means.
     gain = (c - b) / challenger.size
-    head = f"challenger {_pct(acc)} vs champion {_pct(champ_acc)} ({gain * 100:+.2f} pts)"
+    head = f"challenger {percent(acc, sep='')} vs champion {percent(champ_acc, sep='')} ({gain * 100:+.2f} pts)"
     if gain <= 0 or gain < cfg.min_accuracy_gain - 1e-12:
         needed = f"gain required > 0 and >= {cfg.min_accuracy_gain * 100:.2f} pts"
         promote, reason = False, f"{head}, {needed}: champion kept"
@@ -98,14 +100,14 @@ def _gate(challenger: np.ndarray, baseline: np.ndarray | None, cfg: PromoteConfi
     if baseline.shape != challenger.shape:
         raise ValueError(f"challenger and baseline were scored on different test sets "
                          f"({challenger.size} vs {baseline.size} examples)")
-    base = _pct(float(baseline.mean()))
+    base = percent(float(baseline.mean()), sep="")
     b, c = int(np.sum(baseline & ~challenger)), int(np.sum(~baseline & challenger))
     if c <= b:
         return f"does not beat its run's softmax baseline {base}"
     if (p := mcnemar_exact(b, c)) >= cfg.alpha:
         return f"is not significantly better than its run's softmax baseline {base} (McNemar exact p={p:.3g})"
     if challenger.mean() < cfg.min_accuracy:
-        return f"is below the minimum accuracy {_pct(cfg.min_accuracy)} (promote.min_accuracy)"
+        return f"is below the minimum accuracy {percent(cfg.min_accuracy, sep='')} (promote.min_accuracy)"
     return None
 
 
@@ -114,10 +116,6 @@ def _as_bool(values: np.ndarray, name: str) -> np.ndarray:
     if arr.ndim != 1 or arr.size == 0:
         raise ValueError(f"{name} must be a non-empty 1-D array of per-example correctness, got shape {arr.shape}")
     return arr.astype(bool)
-
-
-def _pct(acc: float) -> str:
-    return f"{acc * 100:.2f}%"
 
 
 def _now() -> str:

@@ -10,6 +10,7 @@ from typing import Any
 
 from tasks import document
 from tasks.config import PipelineConfig
+from tasks.document import percent
 from tasks.runs import history
 from tasks.runs.registry import Decision, Registry
 from tasks.stages.files import CONFIG_HEADING, REPORT_NAME, STAGES_HEADING
@@ -33,12 +34,12 @@ def summary_section(config: PipelineConfig, store: Store, refs: dict[str, Artifa
         facts.append(reported["verdict"].split(". ")[0].rstrip(".") + ".")
     rows = {r["model"]: r for r in reported.get("rows") or []}
     if (best := reported.get("best_model")) in rows:
-        facts.append(f"Best model: {best}, {100 * rows[best]['accuracy']:.2f} % test accuracy")
+        facts.append(f"Best model: {best}, {percent(rows[best]['accuracy'])} test accuracy")
     champion = Registry(store.url, config.data.dataset).champion()
     if champion:
         accuracy = (champion.get("metrics") or {}).get("accuracy")
         facts.append(f"Champion for {config.data.dataset}: model {champion['key'][:12]}"
-                     + (f", {100 * accuracy:.2f} % test accuracy" if accuracy is not None else "")
+                     + (f", {percent(accuracy)} test accuracy" if accuracy is not None else "")
                      + (" (this run's model)" if "finetune" in refs and champion["key"] == refs["finetune"].key
                         else ""))
     else:

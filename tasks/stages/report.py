@@ -25,6 +25,7 @@ from tasks.document import (
     Link,
     Paragraph,
     Table,
+    percent,
     render,
 )
 from tasks.ml.stats import ordered
@@ -160,10 +161,6 @@ def _history(inputs: dict[str, Path], model: str) -> Any:
     return _read_json(inputs[stage] / file)
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f} %"
-
-
 def _count(n: Any) -> str:
     """A count as the rest of the report writes it: 10,000."""
     return f"{n:,}" if isinstance(n, int) else str(n)
@@ -190,7 +187,7 @@ def judge_claim(rows: list[dict[str, Any]], level: str) -> tuple[bool | None, st
         return None, f"The claim cannot be judged in this run: no test accuracy for {', '.join(missing)}."
     p, a, s = (by_name[n] for n in CLAIM_ORDER)
     held = p["accuracy"] > a["accuracy"] > s["accuracy"]
-    ranking = " > ".join(f"{r['model']} ({_pct(r['accuracy'])})"
+    ranking = " > ".join(f"{r['model']} ({percent(r['accuracy'])})"
                          for r in sorted((p, a, s), key=lambda r: -r["accuracy"]))
     verdict = (f"The claim held in this run: {ranking}." if held else
                f"The claim did not hold in this run: {ranking}.")
@@ -216,8 +213,8 @@ def paired_sentence(pairs: list[dict[str, Any]]) -> str:
 def claim_table(rows: list[dict[str, Any]], level: str) -> Table:
     """The claim table as the report and the Prefect accuracy artifact show it: accuracies in %."""
     return Table(("Model", "Description", "Test accuracy", f"{level} CI"), tuple(
-        (r["model"], MODEL_LABELS.get(r["model"], ""), _pct(r["accuracy"]),
-         f"[{_pct(r['ci_low'])}, {_pct(r['ci_high'])}]") for r in rows))
+        (r["model"], MODEL_LABELS.get(r["model"], ""), percent(r["accuracy"]),
+         f"[{percent(r['ci_low'])}, {percent(r['ci_high'])}]") for r in rows))
 
 
 def claim_section(metrics: dict[str, Any]) -> tuple[list[Block], list[dict[str, Any]], bool | None]:
@@ -342,7 +339,7 @@ def training_section(title: str, text: str, histories: dict[str, list[dict[str, 
         acc = kept.get("val_accuracy") if kept.get("val_accuracy") is not None else kept.get("accuracy")
         which = "validation" if kept.get("val_accuracy") is not None else "training"
         if acc is not None:
-            finals.append(f"{name}: {len(rows)} epochs, {label} {which} accuracy {_pct(acc)}")
+            finals.append(f"{name}: {len(rows)} epochs, {label} {which} accuracy {percent(acc)}")
     blocks: list[Block] = [Heading(title), Paragraph(text)]
     if finals:
         blocks.append(Bullets(tuple(finals)))
@@ -356,7 +353,10 @@ def confusion_section(metrics: dict[str, Any], out: Path) -> list[Block]:
     model = metrics.get("models", {}).get(best)
     if model is None:
         return []
-    fmt = _pct_or_blank
+
+    def fmt(share: float | None) -> str:
+        return percent(share, missing="n/a")
+
     rows = tuple((str(c["class"]), fmt(c["precision"]), fmt(c["recall"]), fmt(c["f1"]), str(c["support"]))
                  for c in model["per_class"])
     return [
@@ -365,10 +365,6 @@ def confusion_section(metrics: dict[str, Any], out: Path) -> list[Block]:
               f"Confusion matrix of {best}", "Rows: true digit; columns: predicted digit."),
         Table(("Digit", "Precision", "Recall", "F1", "Support"), rows),
     ]
-
-
-def _pct_or_blank(x: float | None) -> str:
-    return "n/a" if x is None else _pct(x)
 
 
 def validation_section(validate_dir: Path) -> list[Block]:

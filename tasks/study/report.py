@@ -15,6 +15,7 @@ from scipy.stats import t as student_t
 
 from tasks import document
 from tasks.config import StudyConfig
+from tasks.document import percent
 from tasks.ml.stats import mcnemar_exact
 from tasks.pipeline.contract import Contract
 from tasks.store.artifacts import Store
@@ -104,7 +105,8 @@ def verdict(row: dict[str, Any]) -> str:
     interval = ("" if row["low"] is None
                 else f", 95 % interval {100 * row['low']:+.2f} to {100 * row['high']:+.2f}")
     ahead = sum(s["difference"] > 0 for s in seeds)
-    numbers = (f"{row['pretrained']:.2%} against {row['ann']:.2%} for the same network trained from scratch, "
+    numbers = (f"{percent(row['pretrained'], sep='')} against {percent(row['ann'], sep='')} for the same network "
+               f"trained from scratch, "
                f"{points:+.2f} points (mean of {k} seed{'s' if k > 1 else ''}{interval}; pretrained ahead in "
                f"{ahead} of {k}; McNemar p = {row['p_value']:.2g} with the seeds pooled)")
     if row["p_value"] >= alpha:
@@ -150,18 +152,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def _pct(value: float | None) -> str:
-    return "" if value is None else f"{value:.2%}"
-
-
 def blocks_of(rows: list[dict[str, Any]], verdicts: list[dict[str, Any]], protocol: list[str],
               n_test: int) -> list[document.Block]:
     """The report as document blocks."""
     accuracy = document.Table(
         ("labels", "model", "mean accuracy", "95 % interval", "per seed"),
-        tuple((f"{r['budget']:,}", LABELS[r["model"]], _pct(r["mean"]),
-               "" if r["low"] is None else f"{_pct(r['low'])} to {_pct(r['high'])}",
-               ", ".join(_pct(a) for a in r["seeds"].values())) for r in rows))
+        tuple((f"{r['budget']:,}", LABELS[r["model"]], percent(r["mean"], sep=''),
+               "" if r["low"] is None else f"{percent(r['low'], sep='')} to {percent(r['high'], sep='')}",
+               ", ".join(percent(a, sep='') for a in r["seeds"].values())) for r in rows))
     tests = document.Table(
         ("labels", "seed", "only pretrained right", "only ANN right", "McNemar exact p"),
         tuple(row for v in verdicts for row in (
