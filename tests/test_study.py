@@ -13,6 +13,7 @@ import pytest
 from tasks.config import ConfigError, check_study, load_config
 from tasks.data.splits import Dataset, save_dataset
 from tasks.stages import pretrain
+from tasks.stages.files import CELL_MODEL_FILE, CELL_PREDICTIONS_FILE, STUDY_RESULTS_FILE
 from tasks.store.artifacts import Store
 from tasks.study import cells as study
 from tasks.study import report as study_report
@@ -99,7 +100,7 @@ def test_no_choice_sees_validation_or_test_labels(mnist_head, tmp_path):
             out = tmp_path / f"{cell.name}-{name}"
             out.mkdir()
             summary = study.run(cell, SPLIT, (128, 64), "relu", dirs[name], out, Path(autoencoder.path))
-            weights = keras.saving.load_model(out / study.MODEL_FILE).get_weights()
+            weights = keras.saving.load_model(out / CELL_MODEL_FILE).get_weights()
             results[name] = summary, weights, study.load_predictions(out)
         (clean_summary, clean_weights, clean_pred), (corrupt_summary, corrupt_weights, corrupt_pred) = (
             results["clean"], results["corrupt"])
@@ -118,7 +119,7 @@ def _cells(tmp_path: Path, y: np.ndarray, right: dict[tuple[str, int], np.ndarra
     for (model, seed), correct in right.items():
         path = tmp_path / f"{model}-{seed}"
         path.mkdir(parents=True)
-        np.save(path / study.PREDICTIONS_FILE, np.where(correct, y, (y + 1) % 10).astype(np.uint8))
+        np.save(path / CELL_PREDICTIONS_FILE, np.where(correct, y, (y + 1) % 10).astype(np.uint8))
         cells.append(study_report.CellResult(model, 100, seed, float(correct.mean()), path))
     return cells
 
@@ -200,6 +201,6 @@ def test_another_seed_computes_only_its_cells(on_dask, mnist_mirror, monkeypatch
     out = capsys.readouterr().out
     assert "cells: 12 (6 computed, 6 from the store)" in out
     report = Path(out.split("report: ")[-1].strip())
-    results = json.loads((report.parent / study_report.RESULTS_FILE).read_text())
+    results = json.loads((report.parent / STUDY_RESULTS_FILE).read_text())
     assert all(len(v["seeds"]) == 2 for v in results["verdicts"])
 

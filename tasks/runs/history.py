@@ -19,7 +19,7 @@ from tasks.store.artifacts import ArtifactRef, Conflict, Store, key_of
 
 log = logging.getLogger(__name__)
 
-HISTORY_FILE = Path("history") / "runs.jsonl"
+RUN_LOG_FILE = Path("history") / "runs.jsonl"
 TREND_MODEL = "pretrained"
 TREND_WINDOW = 5
 TREND_TOLERANCE = 0.001  # accuracy per run (0.1 pts): below this the slope is run-to-run noise
@@ -32,7 +32,7 @@ class HistoryError(RuntimeError):
 
 
 def history_path(root: str | os.PathLike[str]) -> Path:
-    return Store(root).root / HISTORY_FILE
+    return Store(root).root / RUN_LOG_FILE
 
 
 def append(root: str | os.PathLike[str], record: dict[str, Any]) -> dict[str, Any]:
@@ -69,7 +69,7 @@ def append(root: str | os.PathLike[str], record: dict[str, Any]) -> dict[str, An
 
 def _append_object(store: Store, line: str) -> None:
     """Object stores cannot append: rewrite the object under the history lock, only over the version read."""
-    rel = HISTORY_FILE.as_posix()
+    rel = RUN_LOG_FILE.as_posix()
     try:
         with store.lock("history"):
             text = store.read_text(rel, errors="replace") or ""
@@ -82,9 +82,9 @@ def _append_object(store: Store, line: str) -> None:
 def read(root: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """All run records, oldest first; torn or corrupt lines are skipped with one warning naming them."""
     store = Store(root)
-    path = store.location(HISTORY_FILE.as_posix())
+    path = store.location(RUN_LOG_FILE.as_posix())
     try:
-        text = store.read_text(HISTORY_FILE.as_posix(), errors="replace")
+        text = store.read_text(RUN_LOG_FILE.as_posix(), errors="replace")
     except (OSError, UnicodeDecodeError) as exc:
         raise HistoryError(f"run history {path} cannot be read ({getattr(exc, 'strerror', None) or exc}); "
                            "it was left as it is: fix or move it aside") from None

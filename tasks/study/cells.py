@@ -27,14 +27,11 @@ from tasks.ml.networks import build_ann, build_classifier, build_softmax_regress
 from tasks.ml.saved import load_autoencoder
 from tasks.ml.training import TRAINING_CODE, fit, seed_everything, write_history
 from tasks.pipeline.contract import Contract
+from tasks.stages.files import CELL_MODEL_FILE, CELL_PREDICTIONS_FILE, CELL_RESULT_FILE, HISTORY_FILE
 
 log = logging.getLogger(__name__)
 
 STAGE = "study-cell"
-MODEL_FILE = "model.keras"
-PREDICTIONS_FILE = "predictions.npy"
-RESULT_FILE = "cell.json"
-HISTORY_FILE = "history.json"
 # A small budget is tiled so that one Keras pass over it is about this many steps, not one step per pass
 # (Keras pays a fixed cost and logs a line per pass); the number of optimizer steps stays what `steps` says.
 STEPS_PER_PASS = 50
@@ -162,9 +159,9 @@ def run(cfg: Cell, split: SplitSpec, hidden: tuple[int, ...], activation: str, d
     model, rows, plan = train(cfg, data.x_train[chosen], data.y_train[chosen], tuple(hidden), activation,
                               autoencoder)
     predicted = predict_classes(model, data.x_test, cfg.name)
-    model.save(out / MODEL_FILE)
+    model.save(out / CELL_MODEL_FILE)
     write_history(rows, out / HISTORY_FILE)
-    np.save(out / PREDICTIONS_FILE, predicted)
+    np.save(out / CELL_PREDICTIONS_FILE, predicted)
     correct = int(np.sum(predicted == data.y_test))
     summary = {
         "model": cfg.model, "budget": cfg.budget, "seed": cfg.seed,
@@ -173,7 +170,7 @@ def run(cfg: Cell, split: SplitSpec, hidden: tuple[int, ...], activation: str, d
         "train_loss": rows[-1]["loss_mean"], "train_accuracy": rows[-1].get("accuracy"),
         "n_test": len(predicted), "correct": correct, "accuracy": correct / len(predicted),
     }
-    (out / RESULT_FILE).write_text(json.dumps(summary, indent=2))
+    (out / CELL_RESULT_FILE).write_text(json.dumps(summary, indent=2))
     log.info("%s: %d steps, test accuracy %.4f", cfg.name, plan.steps, summary["accuracy"])
     return summary
 
@@ -182,10 +179,10 @@ def run(cfg: Cell, split: SplitSpec, hidden: tuple[int, ...], activation: str, d
 # results) do not change with the pretraining.
 CONTRACT = Contract(stage=STAGE, run=run, section="study", shared=("split", "hidden", "activation"),
                     reads={"data_dir": "download", "pretrain_dir": "pretrain"}, after=("validate",),
-                    writes=(MODEL_FILE, HISTORY_FILE, PREDICTIONS_FILE, RESULT_FILE),
+                    writes=(CELL_MODEL_FILE, HISTORY_FILE, CELL_PREDICTIONS_FILE, CELL_RESULT_FILE),
                     code=(__name__, *TRAINING_CODE))
 
 
 def load_predictions(cell_dir: str | Path) -> np.ndarray:
     """A stored cell's predicted class of every test image."""
-    return np.load(Path(cell_dir) / PREDICTIONS_FILE)
+    return np.load(Path(cell_dir) / CELL_PREDICTIONS_FILE)

@@ -18,13 +18,11 @@ from tasks.config import StudyConfig
 from tasks.document import percent
 from tasks.ml.stats import mcnemar_exact
 from tasks.pipeline.contract import Contract
+from tasks.stages.files import REPORT_NAME, STUDY_FIGURE_FILE, STUDY_RESULTS_FILE
 from tasks.store.artifacts import Store
 from tasks.study.cells import load_predictions
 
 STAGE = "study-report"
-REPORT_NAME = "report"
-FIGURE_FILE = "accuracy_by_labels.png"
-RESULTS_FILE = "study.json"
 TITLE = "Label-efficiency study: where does autoencoder pretraining pay off?"
 LABELS = {"pretrained": "pretrained encoder, fine-tuned", "ann": "same network from scratch (ANN)",
           "softmax": "softmax regression"}
@@ -171,7 +169,7 @@ def blocks_of(rows: list[dict[str, Any]], verdicts: list[dict[str, Any]], protoc
         document.Heading("Verdicts"),
         document.Bullets(tuple(v["sentence"] for v in verdicts) or ("No budget has both models to compare.",)),
         document.Heading("Accuracy against labels"),
-        document.Image(FIGURE_FILE, "test accuracy against labeled training images",
+        document.Image(STUDY_FIGURE_FILE, "test accuracy against labeled training images",
                        f"Each dot is one seed; lines join the means over seeds, bars are 95 % intervals "
                        f"(Student t). Test set: {n_test:,} images."),
         accuracy,
@@ -194,9 +192,9 @@ def write(cfg: StudyConfig, cells: Sequence[CellResult], y_true: np.ndarray, pro
         raise ValueError("the study has no cells to report")
     rows = summarize(cells)
     verdicts = compare(cells, y_true, cfg.alpha)
-    plot(rows, out / FIGURE_FILE)
+    plot(rows, out / STUDY_FIGURE_FILE)
     document.render(blocks_of(rows, verdicts, protocol, len(y_true)), out, REPORT_NAME)
-    (out / RESULTS_FILE).write_text(json.dumps({"accuracy": rows, "verdicts": verdicts}, indent=2, default=str))
+    (out / STUDY_RESULTS_FILE).write_text(json.dumps({"accuracy": rows, "verdicts": verdicts}, indent=2, default=str))
     return {"verdicts": [v["sentence"] for v in verdicts],
             "table": [{"labels": r["budget"], "model": r["model"], "mean accuracy": round(r["mean"], 4),
                        "95% low": r["low"] and round(r["low"], 4), "95% high": r["high"] and round(r["high"], 4)}
@@ -205,7 +203,7 @@ def write(cfg: StudyConfig, cells: Sequence[CellResult], y_true: np.ndarray, pro
 
 # The report is keyed by its cells (their keys, added by the caller), its own code and the significance level.
 CONTRACT = Contract(stage=STAGE, run=write, section="study", reads={}, keyed=("alpha",),
-                    writes=(f"{REPORT_NAME}.md", f"{REPORT_NAME}.html", FIGURE_FILE, RESULTS_FILE),
+                    writes=(f"{REPORT_NAME}.md", f"{REPORT_NAME}.html", STUDY_FIGURE_FILE, STUDY_RESULTS_FILE),
                     code=(__name__, "tasks.document", "tasks.study.cells"))
 
 
