@@ -87,3 +87,20 @@ def test_only_the_pipeline_graph_imports_a_stage():
 
 def test_config_imports_nothing_of_the_project():
     assert import_graph()["tasks.config"] == set()
+
+
+# What each lower package may import besides itself, `tasks.config`, `tasks.document` and `tasks.stages.files`.
+BELOW = {"tasks.store": set(), "tasks.data": {"tasks.store"}, "tasks.ml": {"tasks.data", "tasks.store"},
+         "tasks.serve": {"tasks.data", "tasks.ml", "tasks.store"}}
+SHARED = {"tasks", "tasks.config", "tasks.document", "tasks.stages.files"}
+
+
+def test_lower_packages_import_only_what_lies_below_them():
+    wrong = {}
+    for module, deps in import_graph().items():
+        package = ".".join(module.split(".")[:2])
+        if package in BELOW:
+            allowed = BELOW[package] | {package}
+            if bad := sorted(d for d in deps - SHARED if ".".join(d.split(".")[:2]) not in allowed):
+                wrong[module] = bad
+    assert wrong == {}

@@ -1,1 +1,1 @@
-"""IDX files, download sources, splits, incoming batches and their intake, image framing; never imports a stage."""
+"""IDX, download sources, splits, checks, incoming batches, their intake, image framing; imports config, store."""

@@ -1,1 +1,1 @@
-"""Networks, training loop, input pipeline, statistics, inference; imports config and store, never a stage."""
+"""Networks, training loop, input pipeline, statistics, inference; imports config, data, store, never a stage."""

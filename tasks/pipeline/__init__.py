@@ -1,1 +1,1 @@
-"""The stage graph (contracts, keys, running a stage through the store): the only importer of stages."""
+"""The stage graph (contracts, keys, running a stage through the store): the only importer of stage modules."""

@@ -1,1 +1,1 @@
-"""Champion registry, run log, promotion and the run report; imports data, ml and store, never a stage."""
+"""Champion registry, run log, promotion and the run report; imports data, ml, store and the study's report."""

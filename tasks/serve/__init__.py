@@ -1,1 +1,1 @@
-"""Classifying new images with the champion model; imports ml and data, never a stage."""
+"""Classifying new images with the champion model; imports ml and data."""

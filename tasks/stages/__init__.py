@@ -1,1 +1,1 @@
-"""One module per pipeline stage with its contract; they use ml, data and store; only the pipeline imports them."""
+"""One module per stage with its contract, plus `files`, every artifact file name; they use ml, data and store."""
