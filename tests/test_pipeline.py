@@ -29,11 +29,11 @@ from flows.pipeline import pipeline
 from flows.stages import ACCURACY_ARTIFACT, REPORT_ARTIFACT, StageContext
 from flows.stages import download as download_task
 from tasks.config import load_config
+from tasks.data import sources
 from tasks.pipeline import graph
 from tasks.pipeline.graph import MissingUpstream
 from tasks.runs import history
 from tasks.runs.registry import Registry, RegistryError
-from tasks.stages import download
 from tasks.store.artifacts import Store
 
 ALL = ["download", "validate", "pretrain", "finetune", "baselines", "evaluate", "report"]
@@ -259,7 +259,7 @@ def test_seed_part2_stops_after_pretraining_and_reports_the_reconstruction(tmp_p
 def test_download_is_retried_on_network_errors_only(tmp_path, monkeypatch, offline, attempts):
     monkeypatch.delenv("MNIST_MIRROR")
     monkeypatch.setenv("MNIST_AE_OFFLINE", offline)
-    monkeypatch.setattr(download, "MIRROR_URLS", {"mnist": ("http://127.0.0.1:9/",)})  # nothing listens there
+    monkeypatch.setattr(sources, "MIRROR_URLS", {"mnist": ("http://127.0.0.1:9/",)})  # nothing listens there
     config = load_config("quick", {"store": str(tmp_path / "s")})
     context = StageContext(stage="download", store=config.store, force=False, shared={})
 
