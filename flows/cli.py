@@ -163,6 +163,10 @@ def _registry(args: argparse.Namespace, write: bool = False) -> Registry:
 def _run(args: argparse.Namespace) -> int:
     config = _config(args)
     check_stages(config, args.only, args.force)  # fail on a bad value before any work
+    if config.stages != STAGES:  # all stages always have what they read; checking a subset loads the stage code
+        from tasks.pipeline.graph import check_config
+
+        check_config(config)
     Store(config.store).check_writable()  # before Prefect starts its server
     Registry(config.store, config.data.dataset).champion()  # an unreadable registry would fail only after training
     server = TemporaryServer().start()

@@ -95,3 +95,13 @@ def test_loading_a_config_imports_no_stage_code():
             "print(sorted(m for m in sys.modules if m.startswith(('keras', 'tensorflow', 'tasks.'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['tasks.config']"
+
+
+def test_the_command_line_names_a_stage_without_what_it_reads_before_any_work(tmp_path, capsys):
+    from flows.cli import main
+
+    assert main(["run", "--profile", "quick", "--store", str(tmp_path / "s"),
+                 "--set", 'stages=["download", "pretrain"]']) == 2
+    assert capsys.readouterr().err == ("mnist-ae: invalid configuration: stages: stage pretrain needs validate "
+                                       "(got ['download', 'pretrain'])\n")
+    assert not (tmp_path / "s").exists()
