@@ -370,7 +370,7 @@ def entry() -> None:
     hide_tf_logs()  # before any command imports TensorFlow
     code = main()
     # The process ends next. Without this, Python's shutdown runs full garbage collections over every TensorFlow,
-    # Keras and Prefect object first: 3.5-5 s after a run on two cores, for memory the process returns anyway.
+    # Keras and Prefect object first, for memory the process returns anyway (docs/measurements.md).
     gc.freeze()
     sys.exit(code)
 

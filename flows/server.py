@@ -1,7 +1,7 @@
 """Prefect's API for a command-line run without `PREFECT_API_URL`: a temporary server, started before the heavy imports.
 
 With no API URL, Prefect starts a temporary server at a run's first API call. That call first imports Prefect's
-whole server application into the calling process (about 5 s on two cores) and only then boots the server in a
+whole server application into the calling process (seconds of imports) and only then boots the server in a
 subprocess, after this process has imported TensorFlow, Keras and Great Expectations. Instead, the command line
 starts the same kind of server, `prefect server start` (API only: no UI, no background services, on loopback, with
 Prefect's usual database), as soon as its arguments are checked. The server boots on the other core while this

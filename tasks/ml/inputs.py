@@ -50,8 +50,8 @@ def training_batches(x: np.ndarray, y: np.ndarray | None, batch_size: int, seed:
     orders = tf.data.Dataset.counter().flat_map(epoch_order)
     options = tf.data.Options()
     # No autotuning: its model thread wakes only on its own timer, so releasing the pipeline at the end of a
-    # training waited for it, up to 20 s in a run (in TensorFlow's RootDataset iterator's destructor). Instead,
-    # two batches are made at a time (in order) and two kept ahead: enough to keep even softmax regression fed.
+    # training waits for that timer (in TensorFlow's RootDataset iterator's destructor). Instead, two batches are
+    # made at a time (in order) and two kept ahead: enough to keep even softmax regression fed (bench/speed.py).
     options.autotune.enabled = False
     return (tf.data.Dataset.zip(tf.data.Dataset.counter(), orders)
             .map(batch, num_parallel_calls=2, deterministic=True)

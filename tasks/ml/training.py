@@ -80,8 +80,8 @@ def compile_model(model: keras.Model, cfg: TrainConfig, loss: str, steps: int = 
     rate: float | keras.optimizers.schedules.LearningRateSchedule = cfg.learning_rate
     if cfg.schedule == "cosine":
         rate = keras.optimizers.schedules.CosineDecay(cfg.learning_rate, decay_steps=max(1, steps))
-    # No XLA: on two CPU cores it saved about 10 % per epoch but cost 2.5-3 s of compilation per model, more
-    # than a 10-20-epoch training gains (bench/speed.py); Keras turns it off under op determinism anyway.
+    # No XLA: its compilation per model costs more than a short training gains on a CPU (bench/speed.py), and
+    # Keras turns it off under op determinism anyway.
     model.compile(optimizer=make_optimizer(cfg.optimizer, rate), loss=loss, metrics=metrics, jit_compile=False,
                   steps_per_execution=STEPS_PER_EXECUTION)
 
