@@ -3,7 +3,7 @@
 One invocation, each variant in a fresh process (Keras seeding and TensorFlow's op determinism are process-wide),
 on the 55,000 training images at batch 256, as the `seed` profile pretrains:
 
-- `pipeline`: `tasks.stages.pretrain.run`, exactly as the stage runs (its input pipeline, callbacks, history);
+- `pipeline`: `tasks.stages.pretrain.run`, exactly as the stage runs (its input pipeline, callbacks, training log);
 - `bare`: `keras.Model.fit` of the same network, optimizer, compile settings (32 steps per call, no XLA, op
   determinism on) and validation data, fed by the textbook `tf.data` pipeline (shuffle, batch, prefetch);
 - `xla`: `bare` compiled with XLA (op determinism off, since Keras turns XLA off under it);
@@ -140,13 +140,13 @@ def measure(variant: str, epochs: int, data_dir: Path) -> dict[str, float]:
     from tasks.data.splits import load_splits
     from tasks.ml import networks, optimizers, training
     from tasks.stages import pretrain
-    from tasks.stages.files import HISTORY_FILE
+    from tasks.stages.files import TRAINING_LOG_FILE
 
     config = load_config("seed", {"pretrain.epochs": epochs})
     if variant == "pipeline":
         with tempfile.TemporaryDirectory() as out:
             pretrain.run(config.pretrain, config.data.split(), data_dir, Path(out), seed=config.seed)
-            seconds = [row["seconds"] for row in json.loads((Path(out) / HISTORY_FILE).read_text())]
+            seconds = [row["seconds"] for row in json.loads((Path(out) / TRAINING_LOG_FILE).read_text())]
     else:
         keras.utils.set_random_seed(config.seed)
         data = load_splits(data_dir, config.data.split())
@@ -172,7 +172,7 @@ def measure(variant: str, epochs: int, data_dir: Path) -> dict[str, float]:
             inputs = dict(x=tf.data.Dataset.from_tensor_slices((data.x_train, data.x_train))
                           .shuffle(len(data.x_train), seed=config.seed).batch(config.pretrain.batch_size)
                           .prefetch(tf.data.AUTOTUNE))
-        # The same work as the stage: the held-out images' loss after every epoch, for its history.
+        # The same work as the stage: the held-out images' loss after every epoch, for its training log.
         model.fit(**inputs, epochs=epochs, validation_data=(data.x_val, data.x_val),
                   validation_batch_size=training.EVALUATION_BATCH, callbacks=[Timer()], verbose=0)
     return {"first_epoch_s": seconds[0], "epoch_s": statistics.median(seconds[1:])}

@@ -31,8 +31,8 @@ from tasks.config import (
     parse_overrides,
 )
 from tasks.data.idx import DataError
-from tasks.runs.history import HistoryError
 from tasks.runs.registry import Registry, RegistryError
+from tasks.runs.run_log import RunLogError
 from tasks.store.artifacts import ArtifactError, Store, StoreError
 
 
@@ -43,7 +43,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     raised, and importing it here would load Keras and Great Expectations only to print one line.
     """
     errors: list[type[Exception]] = [RegistryError, DataError, FileNotFoundError, StoreError, ArtifactError,
-                                      HistoryError, ServerError]
+                                      RunLogError, ServerError]
     for module, names in _STAGE_ERRORS.items():
         if loaded := sys.modules.get(module):
             errors += [getattr(loaded, name) for name in names]

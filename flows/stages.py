@@ -31,7 +31,7 @@ from tasks.data.intake import Intake
 from tasks.data.sources import NetworkError
 from tasks.ml.progress import EpochEnd, Progress
 from tasks.pipeline import graph
-from tasks.runs import history, promotion, run_report
+from tasks.runs import promotion, run_log, run_report
 from tasks.store.artifacts import ArtifactRef, Store
 
 REPORT_ARTIFACT = "mnist-ae-report"
@@ -155,13 +155,13 @@ class PipelineRun:
 @task(name="publish")
 def publish_run(config: PipelineConfig, refs: dict[str, ArtifactRef], validated: bool,
                 batches: Intake | None = None, wall_s: float | None = None) -> dict[str, Any]:
-    """Challenge the champion with an evaluated model not judged before, append the run history, write the report
+    """Challenge the champion with an evaluated model not judged before, append the run log, write the report
     (with a section on the incoming batches when the run takes them in)."""
     store = Store(config.store)
     run = run_report.RunInfo(id=flow_run.get_id(), name=flow_run.get_name(), at=datetime.now(UTC), wall_s=wall_s)
     # Each evaluation is judged once, cached or not (promotion.promote skips one already judged).
     decision = promotion.promote(config, store, refs, run.id, validated) if "evaluate" in refs else None
-    history.record(config, store, refs, decision, run.id, flow_run_name=run.name, wall_s=wall_s)
+    run_log.record(config, store, refs, decision, run.id, flow_run_name=run.name, wall_s=wall_s)
     if "report" not in refs:
         return {"decision": decision and decision.reason}
     section = (intake.report_section(batches, refs["download"].summary, config.data.split())

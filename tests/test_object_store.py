@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.runs import history
+from tasks.runs import run_log
 from tasks.runs.registry import Registry, RegistryError
 from tasks.store import objects
 from tasks.store.artifacts import ABSENT, Conflict, Store, StoreError, key_of, sha256_file
@@ -143,7 +143,7 @@ def test_the_lock_is_held_by_one_process_at_a_time_and_a_dead_holders_lease_expi
 def test_registry_and_history_refuse_to_overwrite_a_change_they_did_not_read(url):
     """A writer whose lease was taken over must not lose the other writer's registry event."""
     registry = Registry(url)
-    assert registry.champion() is None and registry.history() == []
+    assert registry.champion() is None and registry.events() == []
     registry.store.write_text("registry/mnist.json", json.dumps({"champion": None, "history": []}))
     meanwhile = Store(url)
     meanwhile.read_text("registry/mnist.json")
@@ -151,8 +151,8 @@ def test_registry_and_history_refuse_to_overwrite_a_change_they_did_not_read(url
     with pytest.raises(RegistryError, match="changed by another run"):
         registry._write({"champion": None, "history": []})
     for n in range(3):
-        history.append(url, {"flow_run_id": f"r{n}", "accuracy": {"pretrained": 0.5}, "stages": {}})
-    assert [r["flow_run_id"] for r in history.read(url)] == ["r0", "r1", "r2"]
+        run_log.append(url, {"flow_run_id": f"r{n}", "accuracy": {"pretrained": 0.5}, "stages": {}})
+    assert [r["flow_run_id"] for r in run_log.read(url)] == ["r0", "r1", "r2"]
 
 
 def test_unusable_object_stores_fail_in_one_line(url, monkeypatch):

@@ -32,7 +32,7 @@ from tasks.config import load_config
 from tasks.data import sources
 from tasks.pipeline import graph
 from tasks.pipeline.graph import MissingUpstream
-from tasks.runs import history
+from tasks.runs import run_log
 from tasks.runs.registry import Registry, RegistryError
 from tasks.store.artifacts import Store
 
@@ -163,11 +163,11 @@ def test_training_stages_leave_tensorboard_event_files(first):
     """Each trained model's epochs as TensorBoard scalars, equal to its history.json."""
     import tensorflow as tf
 
-    for stage, model, history_file in (("pretrain", "autoencoder", "history.json"),
+    for stage, model, training_log_file in (("pretrain", "autoencoder", "history.json"),
                                        ("finetune", "probe", "probe_history.json"),
                                        ("baselines", "ann", "ann_history.json")):
         directory = Path(first["stages"][stage]["path"])
-        rows = json.loads((directory / history_file).read_text())
+        rows = json.loads((directory / training_log_file).read_text())
         (events,) = (directory / "tensorboard" / model / "validation").glob("events.out.tfevents.*")
         val_loss = {}
         for record in tf.data.TFRecordDataset(str(events)):
@@ -195,26 +195,26 @@ def test_data_docs_read_offline_and_the_report_links_them(first):
 def test_first_model_becomes_champion_and_run_is_recorded(first, store):
     champion = Registry(store).champion()
     assert champion is not None and champion["key"] == first["stages"]["finetune"]["key"]
-    records = history.read(store)
+    records = run_log.read(store)
     assert records[0]["flow_run_id"] == first["flow_run_id"]
     assert set(records[0]["stages"]) == set(ALL)
 
 
 def test_second_run_is_all_cached(first, store):
-    decisions = len(Registry(store).history())
+    decisions = len(Registry(store).events())
     second = run(store)
-    assert second["decision"] is None and len(Registry(store).history()) == decisions  # nothing new to judge
+    assert second["decision"] is None and len(Registry(store).events()) == decisions  # nothing new to judge
     states = task_states(second["flow_run_id"])
     assert {s: states[s] for s in ALL} == {s: "Cached" for s in ALL}
     assert all(s["cached"] for s in second["stages"].values())
     assert {s: r["key"] for s, r in second["stages"].items()} == {s: r["key"] for s, r in first["stages"].items()}
 
     # Recorded as a run that trained nothing: no seconds of the first run's training, not a new point of the trend.
-    records = [r for r in history.read(store) if r["flow_run_id"] in (first["flow_run_id"], second["flow_run_id"])]
+    records = [r for r in run_log.read(store) if r["flow_run_id"] in (first["flow_run_id"], second["flow_run_id"])]
     assert [r["flow_run_id"] for r in records] == [first["flow_run_id"], second["flow_run_id"]]
     assert all(s["cached"] and s["duration_s"] == 0.0 for s in records[1]["stages"].values())
     assert records[0]["stages"]["pretrain"]["duration_s"] > 0
-    assert history.models(records) == records[:1]
+    assert run_log.models(records) == records[:1]
     html = Path(second["report"]).read_text()
     assert "(1 trained model in 2 runs of profile quick;" in html
     assert "<td>as run 1</td>" in html and "<td>0/7</td>" in html
@@ -241,8 +241,8 @@ def test_forced_rerun_of_one_stage_reproduces_its_metrics(first, store):
     assert not forced["stages"]["finetune"]["cached"]
     before = first["stages"]["evaluate"]["summary"]["accuracy"]
     assert forced["stages"]["evaluate"]["summary"]["accuracy"] == before
-    history_file = Path(forced["stages"]["finetune"]["path"]) / "history.json"
-    assert json.loads(history_file.read_text()) == json.loads(history_file.read_text())
+    training_log_file = Path(forced["stages"]["finetune"]["path"]) / "history.json"
+    assert json.loads(training_log_file.read_text()) == json.loads(training_log_file.read_text())
 
 
 def test_seed_part2_stops_after_pretraining_and_reports_the_reconstruction(tmp_path):
@@ -391,10 +391,10 @@ def test_promote_and_rollback_by_hand(first, changed, store, capsys):
     assert other != original
     if registry.champion()["key"] != other:
         assert cli(["promote", other[:10], "--store", str(store), "--reason", "reviewed"]) == 0
-        assert registry.champion()["key"] == other and registry.history()[-1]["event"] == "manual"
+        assert registry.champion()["key"] == other and registry.events()[-1]["event"] == "manual"
     assert cli(["rollback", "--store", str(store)]) == 0
     assert registry.champion()["key"] == original
-    assert registry.history()[-1]["event"] == "rollback"
+    assert registry.events()[-1]["event"] == "rollback"
     assert cli(["promote", "ffff", "--store", str(store)]) == 1
     assert "matches 0 evaluated models" in capsys.readouterr().err
 
@@ -402,11 +402,11 @@ def test_promote_and_rollback_by_hand(first, changed, store, capsys):
 def test_champion_is_rescored_when_the_test_set_changed(first, store):
     """A champion scored on 2,000 test images is compared with a challenger on the same 1,000, not on its old set."""
     result = run(store, overrides={"data.test_size": 1000})
-    event = Registry(store).history()[-1]
+    event = Registry(store).events()[-1]
     assert event["candidate"]["key"] == result["stages"]["finetune"]["key"] and event["candidate"]["n"] == 1000
     decision = event["decision"]
     assert decision["champion_accuracy"] is not None and decision["b"] + decision["c"] <= 1000
-    assert history.read(store)[-1]["promotion"]["reason"] == decision["reason"]
+    assert run_log.read(store)[-1]["promotion"]["reason"] == decision["reason"]
 
 
 def test_a_moved_store_keeps_working(first, store, tmp_path):
@@ -549,7 +549,7 @@ def test_a_diverging_run_fails_in_one_line_and_caches_nothing(first, store, caps
     Whether 1e9 overflows depends on the CPU; a rate past float32's range (3.4e38) makes every weight infinite or NaN
     in the first step on any CPU. (A rate too high to learn that stays finite meets the quality gate, below.)
     """
-    decisions = len(Registry(store).history())
+    decisions = len(Registry(store).events())
     assert cli(["run", "--profile", "quick", "--store", str(store), "--set", "pretrain.learning_rate=1e39"]) == 1
     (line,) = user_errors(capsys.readouterr().err)
     assert re.fullmatch(r"mnist-ae: pretrain: training of autoencoder diverged: (the loss became (nan|inf)|its "
@@ -559,7 +559,7 @@ def test_a_diverging_run_fails_in_one_line_and_caches_nothing(first, store, caps
     steps = {s.stage: s for s in graph.plan(config, Store(config.store))}
     assert steps["download"].cached and not steps["pretrain"].cached
     assert not Store(store).path("pretrain", steps["pretrain"].key).exists()
-    assert len(Registry(store).history()) == decisions
+    assert len(Registry(store).events()) == decisions
 
 
 def test_a_chance_level_first_model_is_not_promoted(first, store, tmp_path, capsys):
@@ -570,7 +570,7 @@ def test_a_chance_level_first_model_is_not_promoted(first, store, tmp_path, caps
     report = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("report: "))
     registry = Registry(root)
     assert registry.champion() is None
-    (event,) = registry.history()
+    (event,) = registry.events()
     decision = event["decision"]
     assert event["event"] == "reject" and decision["challenger_accuracy"] < 0.2
     assert "softmax baseline" in decision["reason"] and decision["reason"].endswith(": not promoted")
@@ -588,12 +588,12 @@ def test_a_finite_chance_level_model_is_refused_by_the_quality_gate(first, store
     assert cli(["run", "--profile", "quick", "--store", str(root), "--set", "finetune.learning_rate=10"]) == 0
     capsys.readouterr()
     registry = Registry(root)
-    event = registry.history()[-1]
+    event = registry.events()[-1]
     decision = event["decision"]
     assert event["event"] == "reject" and registry.champion() == champion
     assert decision["challenger_accuracy"] < 0.2 < decision["baseline_accuracy"]
     assert "softmax baseline" in decision["reason"] and decision["reason"].endswith(": not promoted")
-    assert history.read(root)[-1]["promotion"] == {"promote": False, "reason": decision["reason"]}
+    assert run_log.read(root)[-1]["promotion"] == {"promote": False, "reason": decision["reason"]}
     config = load_config("quick", {"finetune.learning_rate": 10, "store": str(root)})
     planned = {s.stage: s for s in graph.plan(config, Store(root))}
     assert planned["finetune"].cached and event["candidate"]["key"] == planned["finetune"].key
@@ -637,11 +637,11 @@ def test_a_challenger_whose_publishing_failed_is_judged_later(first, store, tmp_
     registry_file.write_bytes(good)
     later = run(root, overrides=overrides)
     assert later["stages"]["evaluate"]["cached"] and later["decision"] is not None
-    event = Registry(root).history()[-1]
+    event = Registry(root).events()[-1]
     assert event["candidate"]["evaluate_key"] == steps["evaluate"].key and event["by"] == later["flow_run_id"]
     assert event["candidate"]["key"] == steps["finetune"].key and event["event"] in ("promote", "reject")
     again = run(root, overrides=overrides)  # judged exactly once
-    assert again["decision"] is None and Registry(root).history()[-1] == event
+    assert again["decision"] is None and Registry(root).events()[-1] == event
 
     # A champion that must be re-scored (other test data) but whose model is damaged stops the judging, named.
     state = json.loads(good)

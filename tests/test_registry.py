@@ -143,7 +143,7 @@ def test_rejected_decision_is_logged_but_keeps_the_champion(store_root):
     event = reg.record_decision(candidate("b", 0.94), lambda _: rule(champion, challenger), "run-2")
     assert event["event"] == "reject" and event["decision"]["b"] == 30
     assert reg.champion()["key"] == "a" * 8
-    assert [e["event"] for e in reg.history()] == ["promote", "reject"]
+    assert [e["event"] for e in reg.events()] == ["promote", "reject"]
     assert set(reg.candidates()) == {"a" * 8, "b" * 8}
 
 
@@ -160,7 +160,7 @@ def test_manual_promote_and_rollback_are_recorded(store_root):
     assert reg.rollback(by="bob")["key"] == "b" * 8
     assert reg.rollback(by="bob")["key"] == "a" * 8
     assert reg.champion()["by"] == "bob" and "rollback from bbbbbbbb" in reg.champion()["reason"]
-    assert [e["event"] for e in reg.history()] == ["promote", "promote", "manual", "rollback", "rollback"]
+    assert [e["event"] for e in reg.events()] == ["promote", "promote", "manual", "rollback", "rollback"]
     assert reg.champion_model() == Path(store_root).resolve() / "finetune" / ("a" * 8) / "finetuned.keras"
 
 
@@ -182,7 +182,7 @@ def test_rollback_without_previous_champion_errors_clearly(store_root):
     reg.record_decision(candidate("a"), lambda _: first_model(), "run-1")
     with pytest.raises(RegistryError, match="no previous champion \\(only champion aaaaaaaa"):
         reg.rollback(by="bob")
-    assert reg.champion()["key"] == "a" * 8 and len(reg.history()) == 1
+    assert reg.champion()["key"] == "a" * 8 and len(reg.events()) == 1
 
 
 def test_absolute_model_path_inside_the_store_is_stored_relative(store_root):
@@ -209,7 +209,7 @@ def test_concurrent_writers_lose_no_history_record(store_root):
     for p in procs:
         p.join(timeout=120)
     assert all(p.exitcode == 0 for p in procs)
-    history = Registry(store_root).history()
+    history = Registry(store_root).events()
     assert len(history) == 41
     by_worker = {k: len(list(g)) for k, g in itertools.groupby(sorted(e["by"] for e in history[1:]))}
     assert by_worker == {"w0": 10, "w1": 10, "w2": 10, "w3": 10}
@@ -277,7 +277,7 @@ def test_an_evaluation_is_judged_once(store_root):
     assert reg.judged("eval-a")
     assert reg.record_decision(candidate("a"), lambda _: pytest.fail("judged twice"), "run-2") is None
     assert reg.record_decision(candidate("b"), lambda _: None, "run-3") is None  # a judge may defer
-    assert not reg.judged("eval-b") and len(reg.history()) == 1
+    assert not reg.judged("eval-b") and len(reg.events()) == 1
 
 
 @pytest.mark.parametrize("damage", ["size", "bytes", "manifest"])

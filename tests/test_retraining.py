@@ -103,7 +103,7 @@ def test_a_clean_batch_retrains_every_stage_and_challenges_the_champion(first, s
     assert result["stages"]["download"]["key"] != first["stages"]["download"]["key"]
     data = load_dataset(result["stages"]["download"]["path"])
     assert len(data.y_batches) == 1000 and len(data.y_train) == 60_000
-    event = Registry(places["store"]).history()[-1]
+    event = Registry(places["store"]).events()[-1]
     assert event["candidate"]["key"] == result["stages"]["finetune"]["key"]
     assert event["decision"]["champion_accuracy"] is not None  # compared with the first run's champion
     assert result["decision"] == event["reason"]
@@ -146,11 +146,11 @@ def test_the_run_report_names_the_batches_and_what_the_model_saw(second):
 
 
 def test_a_run_with_nothing_new_is_fully_cached(second, places):
-    decisions = len(Registry(places["store"]).history())
+    decisions = len(Registry(places["store"]).events())
     third = run(places)
     assert all(third["stages"][s]["cached"] for s in ALL)
     assert not third["batches"]["verdicts"] and third["decision"] is None
-    assert len(Registry(places["store"]).history()) == decisions
+    assert len(Registry(places["store"]).events()) == decisions
     markdown = Path(third["report"]).with_suffix(".md").read_text()
     assert "No new batch arrived for this run." in markdown
 

@@ -33,7 +33,7 @@ def run(store: Path, runner: str, **params) -> dict:
 
 
 def metrics(result: dict) -> dict:
-    """Everything a run measured: the evaluation's metrics file and every training stage's history."""
+    """Everything a run measured: the evaluation's metrics file and every training stage's training log."""
     stages = result["stages"]
     found = {"metrics": json.loads((Path(stages["evaluate"]["path"]) / "metrics.json").read_text())}
     for stage in ("pretrain", "finetune"):

@@ -22,7 +22,7 @@ from PIL import Image
 from flows.cli import main as cli
 from flows.pipeline import pipeline
 from tasks.config import parse_overrides
-from tasks.runs import history
+from tasks.runs import run_log
 from tasks.runs.registry import Registry
 from tasks.store.artifacts import Store
 
@@ -104,9 +104,9 @@ def test_two_concurrent_runs_on_one_bucket_compute_each_stage_once(first, bucket
     assert store.bucket is not None
     assert all(len(store.bucket.glob(f"{s}/*/manifest.json")) == 1 for s in STAGES)
     registry = Registry(bucket)
-    assert [e["event"] for e in registry.history()] == ["promote"]  # judged once, by one of the two
+    assert [e["event"] for e in registry.events()] == ["promote"]  # judged once, by one of the two
     assert registry.champion()["model_path"].startswith("finetune/")
-    assert len(history.read(bucket)) == 2
+    assert len(run_log.read(bucket)) == 2
     assert len(store.bucket.glob("runs/*/report.html")) == 2
 
 
@@ -132,7 +132,7 @@ def test_another_machine_finds_every_stage_cached_and_recomputes_a_damaged_objec
     store = Store(bucket)
     assert all(store.problem(s, m["key"]) is None for s in STAGES for m in store.manifests(s))
     assert any(second["cache"].glob("*/pretrain/*/autoencoder.keras"))
-    assert [e["event"] for e in Registry(bucket).history()] == ["promote"]
+    assert [e["event"] for e in Registry(bucket).events()] == ["promote"]
 
 
 def test_status_and_predict_against_the_bucket_from_an_empty_cache(first, second, bucket, mnist, tmp_path,

@@ -100,7 +100,7 @@ def seed_everything(seed: int) -> None:
 
 
 class _EpochLog(keras.callbacks.Callback):
-    """Collects one history row per epoch and reports it to the progress callable."""
+    """Collects one training log row per epoch and reports it to the progress callable."""
 
     def __init__(self, epochs: int, progress: Progress | None, name: str, cfg: TrainConfig | None = None,
                  part: tuple[int, int] = (0, 1)):
@@ -163,7 +163,7 @@ def _maybe_float(value: Any) -> float | None:
 def fit(model: keras.Model, x: np.ndarray, y: np.ndarray | None, validation: tuple[np.ndarray, np.ndarray] | None,
         cfg: TrainConfig, progress: Progress | None = None, *, seed: int = 0, tensorboard: Path | None = None,
         name: str | None = None, part: tuple[int, int] = (0, 1)) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Compile and train a model; return its per-epoch history rows and a summary of the run.
+    """Compile and train a model; return its training log (per-epoch rows) and a summary of the run.
 
     `y=None` trains an autoencoder to reconstruct `x`. The batches come from `tasks.ml.inputs` (a new order every
     epoch, the config's noise and shifts), all drawn from `seed`. `name` (default: the model's) names the model in
@@ -219,8 +219,8 @@ def best_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
                else math.inf)
 
 
-def write_history(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Write per-epoch history rows as a JSON list."""
+def write_training_log(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Write a training log (per-epoch rows) as a JSON list."""
     # Written inside the store's staging directory, which is published atomically and fsynced as a whole.
     path.write_text(json.dumps(rows, indent=2, sort_keys=True, default=str))
     return path

@@ -123,7 +123,7 @@ def _now() -> str:
 
 
 class Registry:
-    """`<store root>/registry/<dataset>.json`: a dataset's champion and an append-only history of events.
+    """`<store root>/registry/<dataset>.json`: a dataset's champion and its append-only events (key `history`).
 
     Every change (and every promotion decision, which reads the champion) happens under the store's
     lock for this file and replaces it atomically, so concurrent flow runs never lose each other's events.
@@ -139,7 +139,7 @@ class Registry:
     def champion(self) -> dict[str, Any] | None:
         return self._read()["champion"]
 
-    def history(self) -> list[dict[str, Any]]:
+    def events(self) -> list[dict[str, Any]]:
         return self._read()["history"]
 
     def champion_model(self) -> Path | None:
@@ -169,11 +169,11 @@ class Registry:
 
     def judged(self, evaluate_key: str) -> bool:
         """Whether any registry event already concerns the model of this evaluation."""
-        return _judged(self.history(), evaluate_key)
+        return _judged(self.events(), evaluate_key)
 
     def candidates(self) -> dict[str, dict[str, Any]]:
         """Every model ever evaluated or promoted, by key (latest record wins)."""
-        return {e["candidate"]["key"]: e["candidate"] for e in self.history() if "candidate" in e}
+        return {e["candidate"]["key"]: e["candidate"] for e in self.events() if "candidate" in e}
 
     def record_decision(self, candidate: dict[str, Any], judge: Callable[[dict[str, Any] | None], Decision | None],
                         flow_run_id: str | None) -> dict[str, Any] | None:
@@ -300,8 +300,8 @@ def _bad_model(entry: Any) -> bool:
                 and isinstance(entry.get("model_path"), str))
 
 
-def _judged(history: list[dict[str, Any]], evaluate_key: str) -> bool:
-    return any(e["candidate"].get("evaluate_key") == evaluate_key for e in history)
+def _judged(events: list[dict[str, Any]], evaluate_key: str) -> bool:
+    return any(e["candidate"].get("evaluate_key") == evaluate_key for e in events)
 
 
 def _champion(event: dict[str, Any]) -> dict[str, Any]:
@@ -312,10 +312,10 @@ def _champion(event: dict[str, Any]) -> dict[str, Any]:
             "promoted_at": event["at"], "by": event["by"], "reason": event["reason"]}
 
 
-def _lineage(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The stack of champions the history implies: promotions push, rollbacks pop."""
+def _lineage(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The stack of champions the events imply: promotions push, rollbacks pop."""
     stack: list[dict[str, Any]] = []
-    for event in history:
+    for event in events:
         if event["event"] == "rollback":
             stack.pop()
         elif event["event"] in ("promote", "manual") and (not stack or stack[-1]["key"] != event["candidate"]["key"]):

@@ -11,7 +11,7 @@ from typing import Any
 from tasks import document
 from tasks.config import PipelineConfig
 from tasks.document import percent
-from tasks.runs import history
+from tasks.runs import run_log
 from tasks.runs.registry import Decision, Registry
 from tasks.stages.files import CONFIG_HEADING, REPORT_NAME, STAGES_HEADING
 from tasks.store.artifacts import ArtifactRef, Store, read_manifest
@@ -89,17 +89,17 @@ def run_section(store: Store, refs: dict[str, ArtifactRef], decision: Decision |
         document.Heading("Promotion decision", 3),
         document.Paragraph(_decision_sentence(decision)),
     ]
-    if history.model_names(records):  # runs that evaluated something; a pretrain-only profile has no trend
-        trained = history.models(records)
+    if run_log.model_names(records):  # runs that evaluated something; a pretrain-only profile has no trend
+        trained = run_log.models(records)
         blocks += [document.Heading("Trend over past runs", 3),
                    document.Paragraph(
-                       f"Accuracy of the pretrained model over recent trained models is {history.trend(records)} "
-                       f"({history.plural(len(trained), 'trained model')} in {history.plural(len(records), 'run')} "
+                       f"Accuracy of the pretrained model over recent trained models is {run_log.trend(records)} "
+                       f"({run_log.plural(len(trained), 'trained model')} in {run_log.plural(len(records), 'run')} "
                        f"of profile {records[-1].get('profile')}; a run that found its models in the store scored "
                        "the same models again and is not a new point).")]
-        history.trend_figure(records, out / "trend.png")
+        run_log.trend_figure(records, out / "trend.png")
         blocks += [document.Image("trend.png", "Test accuracy per trained model"),
-                   document.table_from_records(history.trend_table(records))]
+                   document.table_from_records(run_log.trend_table(records))]
     return blocks
 
 
@@ -117,7 +117,7 @@ def run_report(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef
     # The stage's own table of artifacts gives way to this run's, and the configuration moves to the end.
     body = [b for p in parts if heading(p) not in (STAGES_HEADING, CONFIG_HEADING) for b in p]
     configuration = [b for p in parts if heading(p) == CONFIG_HEADING for b in p]
-    comparable = [r for r in history.read(store.url)
+    comparable = [r for r in run_log.read(store.url)
                   if r.get("profile") == config.profile and r.get("dataset", "mnist") == config.data.dataset]
     with store.staged(f"{RUNS_DIR}/{name}") as staging:
         blocks = [*title, *summary_section(config, store, refs, decision, run), *body,

@@ -10,9 +10,9 @@ from tasks.config import BaselinesConfig, SplitSpec
 from tasks.data.splits import load_splits
 from tasks.ml.networks import build_ann, build_softmax_regression
 from tasks.ml.progress import Progress
-from tasks.ml.training import TRAINING_CODE, fit, seed_everything, write_history
+from tasks.ml.training import TRAINING_CODE, fit, seed_everything, write_training_log
 from tasks.pipeline.contract import Contract
-from tasks.stages.files import HISTORY_FILES, MODEL_FILES, TENSORBOARD_DIR
+from tasks.stages.files import MODEL_FILES, TENSORBOARD_DIR, TRAINING_LOG_FILES
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +31,16 @@ def run(cfg: BaselinesConfig, split: SplitSpec, data_dir: Path, out: Path,
     data = load_splits(data_dir, split)
     validation = (data.x_val, data.y_val) if len(data.x_val) else None
     models = {
-        "softmax": (build_softmax_regression(), MODEL_FILES["softmax"][1], HISTORY_FILES["softmax"][1]),
-        "ann": (build_ann(hidden, activation, cfg.init, seed), MODEL_FILES["ann"][1], HISTORY_FILES["ann"][1]),
+        "softmax": (build_softmax_regression(), MODEL_FILES["softmax"][1], TRAINING_LOG_FILES["softmax"][1]),
+        "ann": (build_ann(hidden, activation, cfg.init, seed), MODEL_FILES["ann"][1], TRAINING_LOG_FILES["ann"][1]),
     }
     summary: dict[str, Any] = {"train_size": len(data.x_train), "val_size": len(data.x_val),
                                "hidden": list(hidden), "activation": activation, "init": cfg.init}
-    for index, (name, (model, model_file, history_file)) in enumerate(models.items()):
+    for index, (name, (model, model_file, training_log_file)) in enumerate(models.items()):
         rows, summary[name] = fit(model, data.x_train, data.y_train, validation, cfg, progress, seed=seed,
                                   tensorboard=out / TENSORBOARD_DIR, name=name, part=(index, len(models)))
         model.save(out / model_file)
-        write_history(rows, out / history_file)
+        write_training_log(rows, out / training_log_file)
     summary["seconds"] = round(sum(summary[name]["seconds"] for name in models), 2)
     log.info("baselines done: %s", summary)
     return summary
@@ -50,7 +50,7 @@ def run(cfg: BaselinesConfig, split: SplitSpec, data_dir: Path, out: Path,
 # It needs only validated data, so it runs beside pretraining and fine-tuning.
 CONTRACT = Contract(stage="baselines", run=run, section="baselines", shared=("split", "seed", "hidden", "activation"),
                     reads={"data_dir": "download"}, after=("validate",),
-                    writes=tuple(files[model][1] for files in (MODEL_FILES, HISTORY_FILES)
+                    writes=tuple(files[model][1] for files in (MODEL_FILES, TRAINING_LOG_FILES)
                                  for model in ("softmax", "ann")),
                     code=(__name__, *TRAINING_CODE), progress=True)
 

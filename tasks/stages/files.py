@@ -10,7 +10,7 @@ DOCS_DIR = "data_docs"
 DOCS_INDEX = f"{DOCS_DIR}/index.html"
 # Training stages (pretrain, finetune, baselines, a study cell): per-epoch rows, and the TensorBoard event files,
 # one run directory per model.
-HISTORY_FILE = "history.json"
+TRAINING_LOG_FILE = "history.json"
 TENSORBOARD_DIR = "tensorboard"
 # pretrain
 AUTOENCODER_FILE = "autoencoder.keras"
@@ -23,10 +23,10 @@ MODEL_FILES: dict[str, tuple[str, str]] = {
     "probe": ("finetune", "probe.keras"),
 }
 # Model name -> (stage, file) of its per-epoch rows.
-HISTORY_FILES: dict[str, tuple[str, str]] = {
+TRAINING_LOG_FILES: dict[str, tuple[str, str]] = {
     "softmax": ("baselines", "softmax_history.json"),
     "ann": ("baselines", "ann_history.json"),
-    "pretrained": ("finetune", HISTORY_FILE),
+    "pretrained": ("finetune", TRAINING_LOG_FILE),
     "probe": ("finetune", "probe_history.json"),
 }
 # evaluate

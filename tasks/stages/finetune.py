@@ -11,9 +11,9 @@ from tasks.data.splits import Splits, load_splits
 from tasks.ml.networks import build_classifier, extract_encoder
 from tasks.ml.progress import Progress
 from tasks.ml.saved import load_autoencoder
-from tasks.ml.training import TRAINING_CODE, fit, seed_everything, write_history
+from tasks.ml.training import TRAINING_CODE, fit, seed_everything, write_training_log
 from tasks.pipeline.contract import Contract
-from tasks.stages.files import HISTORY_FILES, MODEL_FILES, TENSORBOARD_DIR
+from tasks.stages.files import MODEL_FILES, TENSORBOARD_DIR, TRAINING_LOG_FILES
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def run(cfg: FinetuneConfig, split: SplitSpec, data_dir: Path, pretrain_dir: Pat
 
 CONTRACT = Contract(stage="finetune", run=run, section="finetune", shared=("split", "seed"),
                     reads={"data_dir": "download", "pretrain_dir": "pretrain"},
-                    writes=(MODEL_FILES["pretrained"][1], HISTORY_FILES["pretrained"][1]),
+                    writes=(MODEL_FILES["pretrained"][1], TRAINING_LOG_FILES["pretrained"][1]),
                     code=(__name__, *TRAINING_CODE), progress=True)
 
 
@@ -49,12 +49,12 @@ CONTRACT = Contract(stage="finetune", run=run, section="finetune", shared=("spli
 
 def _train(cfg: FinetuneConfig, data: Splits, autoencoder: Any, freeze: bool, out: Path, name: str,
            progress: Progress | None, part: tuple[int, int], seed: int) -> dict[str, Any]:
-    """Build one classifier on a fresh copy of the encoder, train it and write its model and history."""
+    """Build one classifier on a fresh copy of the encoder, train it and write its model and training log."""
     model = build_classifier(extract_encoder(autoencoder), freeze=freeze)
     validation = (data.x_val, data.y_val) if len(data.x_val) else None
     rows, summary = fit(model, data.x_train, data.y_train, validation, cfg, progress, seed=seed,
                         tensorboard=out / TENSORBOARD_DIR, name=name, part=part)
-    model_file, history_file = MODEL_FILES[name][1], HISTORY_FILES[name][1]
+    model_file, training_log_file = MODEL_FILES[name][1], TRAINING_LOG_FILES[name][1]
     model.save(out / model_file)
-    write_history(rows, out / history_file)
+    write_training_log(rows, out / training_log_file)
     return summary

@@ -14,9 +14,9 @@ from tasks.config import PretrainConfig, SplitSpec
 from tasks.data.splits import load_splits
 from tasks.ml.networks import build_autoencoder
 from tasks.ml.progress import Progress
-from tasks.ml.training import TRAINING_CODE, fit, seed_everything, write_history
+from tasks.ml.training import TRAINING_CODE, fit, seed_everything, write_training_log
 from tasks.pipeline.contract import Contract
-from tasks.stages.files import AUTOENCODER_FILE, HISTORY_FILE, RECONSTRUCTION_FILE, TENSORBOARD_DIR
+from tasks.stages.files import AUTOENCODER_FILE, RECONSTRUCTION_FILE, TENSORBOARD_DIR, TRAINING_LOG_FILE
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ EXAMPLES_TO_SHOW = 10
 
 def run(cfg: PretrainConfig, split: SplitSpec, data_dir: Path, out: Path,
         progress: Progress | None = None, *, seed: int = 0) -> dict[str, Any]:
-    """Train the autoencoder on the training split and write its model, history and reconstruction figure.
+    """Train the autoencoder on the training split and write its model, training log and reconstruction figure.
 
     `split` is `DataConfig.split()`; the validation split drives early stopping when it is configured.
     Writes `autoencoder.keras`, `history.json` (one row per epoch; `loss_last_batch` is what the notebook
@@ -40,7 +40,7 @@ def run(cfg: PretrainConfig, split: SplitSpec, data_dir: Path, out: Path,
                         tensorboard=out / TENSORBOARD_DIR)
 
     model.save(out / AUTOENCODER_FILE)
-    write_history(rows, out / HISTORY_FILE)
+    write_training_log(rows, out / TRAINING_LOG_FILE)
     reconstructed = model.predict(data.x_test, batch_size=1024, verbose=0)
     shown = slice(0, EXAMPLES_TO_SHOW)
     save_reconstructions(data.x_test[shown], reconstructed[shown], out / RECONSTRUCTION_FILE)
@@ -60,7 +60,7 @@ def run(cfg: PretrainConfig, split: SplitSpec, data_dir: Path, out: Path,
 # Pretraining sees the training images only after they passed validation; it never reads their labels.
 CONTRACT = Contract(stage="pretrain", run=run, section="pretrain", shared=("split", "seed"),
                     reads={"data_dir": "download"}, after=("validate",),
-                    writes=(AUTOENCODER_FILE, HISTORY_FILE, RECONSTRUCTION_FILE), code=(__name__, *TRAINING_CODE),
+                    writes=(AUTOENCODER_FILE, TRAINING_LOG_FILE, RECONSTRUCTION_FILE), code=(__name__, *TRAINING_CODE),
                     progress=True)
 
 

@@ -34,12 +34,12 @@ from tasks.pipeline.contract import Contract
 from tasks.stages.files import (
     ACCURACY_FILE,
     CONFIG_HEADING,
-    HISTORY_FILE,
-    HISTORY_FILES,
     METRICS_FILE,
     RECONSTRUCTION_FILE,
     REPORT_NAME,
     STAGES_HEADING,
+    TRAINING_LOG_FILE,
+    TRAINING_LOG_FILES,
 )
 from tasks.store.artifacts import MANIFEST
 
@@ -87,13 +87,13 @@ def _series(rows: list[dict[str, Any]], *keys: str) -> tuple[list[int], list[flo
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def plot_pretrain_loss(history: list[dict[str, Any]], path: Path) -> Path:
+def plot_pretrain_loss(training_log: list[dict[str, Any]], path: Path) -> Path:
     """This run's pretraining losses per epoch beside the notebook's printed log, log-scaled."""
     fig = Figure(figsize=(6.4, 3.6), layout="constrained")
     ax = fig.add_subplot()
     for key, label, style in (("loss_last_batch", "this run, last mini-batch", "-"),
                               ("loss_mean", "this run, epoch mean", ":"), ("val_loss", "this run, validation", "--")):
-        epochs, values = _series(history, key)
+        epochs, values = _series(training_log, key)
         if values:
             ax.plot(epochs, values, style, label=label)
     nb_epochs = range(1, len(NOTEBOOK_PRETRAIN_LOSS) + 1)
@@ -106,11 +106,11 @@ def plot_pretrain_loss(history: list[dict[str, Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_training(histories: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+def plot_training(training_logs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     """Loss and accuracy per epoch of each classifier; training solid, validation dashed."""
     fig = Figure(figsize=(8, 3.4), layout="constrained")
     loss_ax, acc_ax = fig.subplots(1, 2)
-    for i, (name, rows) in enumerate(histories.items()):
+    for i, (name, rows) in enumerate(training_logs.items()):
         color = f"C{i}"
         for ax, train_keys, val_key in ((loss_ax, ("loss", "loss_mean"), "val_loss"),
                                         (acc_ax, ("accuracy",), "val_accuracy")):
@@ -155,9 +155,9 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _history(inputs: dict[str, Path], model: str) -> Any:
+def _training_log(inputs: dict[str, Path], model: str) -> Any:
     """A model's per-epoch rows from its training stage's artifact, or None."""
-    stage, file = HISTORY_FILES[model]
+    stage, file = TRAINING_LOG_FILES[model]
     return _read_json(inputs[stage] / file)
 
 
@@ -246,9 +246,9 @@ def notebook_comparable(pretrain_cfg: dict[str, Any] | None) -> bool:
             and all(pretrain_cfg.get(k) == NOTEBOOK_ARCHITECTURE[k] for k in ("activation", "init")))
 
 
-def loss_difference(history: list[dict[str, Any]]) -> tuple[float | None, int]:
+def loss_difference(training_log: list[dict[str, Any]]) -> tuple[float | None, int]:
     """Mean relative difference |run - notebook| / notebook of the last-mini-batch loss, and the epochs compared."""
-    epochs, values = _series(history, "loss_last_batch")
+    epochs, values = _series(training_log, "loss_last_batch")
     pairs = [(v, NOTEBOOK_PRETRAIN_LOSS[e - 1]) for e, v in zip(epochs, values, strict=True)
              if 1 <= e <= len(NOTEBOOK_PRETRAIN_LOSS)]
     if not pairs:
@@ -260,23 +260,24 @@ def pretrain_section(pretrain_dir: Path, pretrain_cfg: dict[str, Any] | None,
                      out: Path) -> tuple[list[Block], float | None]:
     """Loss curve against the notebook's log, the side-by-side table, and the reconstruction figure."""
     blocks: list[Block] = [Heading("Pretraining")]
-    history = _read_json(pretrain_dir / HISTORY_FILE) or []
+    training_log = _read_json(pretrain_dir / TRAINING_LOG_FILE) or []
     comparable = notebook_comparable(pretrain_cfg)
     difference = None
-    if history:
+    if training_log:
         restored = bool((pretrain_cfg or {}).get("early_stopping_patience"))
-        kept, _ = _kept(history, restored)
+        kept, _ = _kept(training_log, restored)
         which = f"epoch {kept['epoch']}, whose weights were kept (lowest validation loss)" if restored else "last epoch"
         facts = [f"{label} {kept[key]:.6f}" for key, label in (
             ("loss_last_batch", "last mini-batch loss"), ("loss_mean", "epoch-mean loss"),
             ("val_loss", "validation loss")) if kept.get(key) is not None]
-        blocks.append(Paragraph(f"This run: {len(history)} epochs; {which}: " + ", ".join(facts) + "."))
-        blocks.append(Image(plot_pretrain_loss(history, out / "pretrain_loss.png").name, "Pretraining loss per epoch",
+        blocks.append(Paragraph(f"This run: {len(training_log)} epochs; {which}: " + ", ".join(facts) + "."))
+        blocks.append(Image(plot_pretrain_loss(training_log, out / "pretrain_loss.png").name,
+                            "Pretraining loss per epoch",
                             "Reconstruction loss per epoch (log scale); dots: the notebook's printed log."))
-        difference, compared = loss_difference(history)
+        difference, compared = loss_difference(training_log)
         blocks.append(_notebook_paragraph(pretrain_cfg, comparable, difference, compared))
         if comparable and difference is not None:
-            blocks.append(_loss_table(history))
+            blocks.append(_loss_table(training_log))
     else:
         blocks.append(Paragraph("The pretraining history is missing."))
     figure = pretrain_dir / RECONSTRUCTION_FILE
@@ -309,8 +310,8 @@ def _notebook_paragraph(cfg: dict[str, Any] | None, comparable: bool, difference
     return Paragraph(text)
 
 
-def _loss_table(history: list[dict[str, Any]]) -> Table:
-    epochs, values = _series(history, "loss_last_batch")
+def _loss_table(training_log: list[dict[str, Any]]) -> Table:
+    epochs, values = _series(training_log, "loss_last_batch")
     rows = []
     for e, v in zip(epochs, values, strict=True):
         if e <= min(LOSS_TABLE_EPOCHS, len(NOTEBOOK_PRETRAIN_LOSS)):
@@ -327,10 +328,10 @@ def _kept(rows: list[dict[str, Any]], restored: bool) -> tuple[dict[str, Any], s
     return best, f"kept (epoch {best['epoch']}, the lowest validation loss)"
 
 
-def training_section(title: str, text: str, histories: dict[str, list[dict[str, Any]] | None],
+def training_section(title: str, text: str, training_logs: dict[str, list[dict[str, Any]] | None],
                      out: Path, file: str, restored: bool = False) -> list[Block]:
     """Loss and accuracy curves of one training stage, with each saved model's validation accuracy."""
-    present = {n: h for n, h in histories.items() if h}
+    present = {n: h for n, h in training_logs.items() if h}
     if not present:
         return [Heading(title), Paragraph("The training history is missing.")]
     finals = []
@@ -462,13 +463,14 @@ def write_report(cfg: ReportConfig, inputs: dict[str, Path], run_info: dict[str,
     if "finetune" in inputs:
         blocks += training_section(
             "Fine-tuning", "The encoder with a softmax head, trained on the labels.",
-            {"fine-tuned": _history(inputs, "pretrained"), "probe": _history(inputs, "probe")}, out,
+            {"fine-tuned": _training_log(inputs, "pretrained"), "probe": _training_log(inputs, "probe")}, out,
             "finetune_curves.png",
             _early_stopped(config, "finetune"))
     if "baselines" in inputs:
         blocks += training_section(
             "Baselines", "The same classifiers without pretraining.",
-            {"softmax": _history(inputs, "softmax"), "ann": _history(inputs, "ann")}, out, "baselines_curves.png",
+            {"softmax": _training_log(inputs, "softmax"), "ann": _training_log(inputs, "ann")}, out,
+            "baselines_curves.png",
             _early_stopped(config, "baselines"))
     if metrics:
         blocks += confusion_section(metrics, out)

@@ -140,7 +140,7 @@ class Store:
 
     @contextmanager
     def lock(self, name: str) -> Iterator[None]:
-        """A lock for every process using the store (one per artifact key, registry, history...).
+        """A lock for every process using the store (one per artifact key, registry, run log...).
 
         A file lock under a local root; a lease object under an object-store root, held by one process
         on any machine (Prefect's concurrency limits would need a shared Prefect server, which command-line
@@ -288,7 +288,7 @@ class Store:
             os.replace(staging, final)
 
     def read_text(self, rel: str, errors: str = "strict") -> str | None:
-        """A small document under the root (registry, history), or None when there is none."""
+        """A small document under the root (registry, run log), or None when there is none."""
         if self.bucket:
             got = self.bucket.get(rel)
             self._versions[rel] = got and got[1]
@@ -473,7 +473,7 @@ def verified_file(path: Path) -> Path:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Replace a small JSON document in one step (registry, history)."""
+    """Replace a small JSON document in one step (registry, run log)."""
     _write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str))
 
 

@@ -3,7 +3,7 @@
 Object stores have no rename and no file locks. What they do have, S3 and SeaweedFS alike, are conditional
 writes: `If-None-Match: *` creates an object only when it does not exist, and `If-Match: <etag>` replaces it
 only while it is the version that was read. The store's commit marker (a manifest created last), its
-cross-machine lock (a lease object) and the registry's and run history's read-modify-write are built on them.
+cross-machine lock (a lease object) and the registry's and run log's read-modify-write are built on them.
 """
 
 from __future__ import annotations

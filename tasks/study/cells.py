@@ -25,9 +25,9 @@ from tasks.data.splits import load_splits
 from tasks.ml.inference import probabilities
 from tasks.ml.networks import build_ann, build_classifier, build_softmax_regression, extract_encoder
 from tasks.ml.saved import load_autoencoder
-from tasks.ml.training import TRAINING_CODE, fit, seed_everything, write_history
+from tasks.ml.training import TRAINING_CODE, fit, seed_everything, write_training_log
 from tasks.pipeline.contract import Contract
-from tasks.stages.files import CELL_MODEL_FILE, CELL_PREDICTIONS_FILE, CELL_RESULT_FILE, HISTORY_FILE
+from tasks.stages.files import CELL_MODEL_FILE, CELL_PREDICTIONS_FILE, CELL_RESULT_FILE, TRAINING_LOG_FILE
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def schedule(cell: Cell) -> Schedule:
 
 def train(cell: Cell, x: np.ndarray, y: np.ndarray, hidden: tuple[int, ...], activation: str,
           autoencoder: Any = None) -> tuple[Any, list[dict[str, Any]], Schedule]:
-    """Train the cell's model on its labeled images only; returns the model, its history rows and the schedule.
+    """Train the cell's model on its labeled images only; returns the model, its training log rows and the schedule.
 
     Everything it learns from is in `x` and `y`: the budget's images and labels, nothing else.
     """
@@ -160,7 +160,7 @@ def run(cfg: Cell, split: SplitSpec, hidden: tuple[int, ...], activation: str, d
                               autoencoder)
     predicted = predict_classes(model, data.x_test, cfg.name)
     model.save(out / CELL_MODEL_FILE)
-    write_history(rows, out / HISTORY_FILE)
+    write_training_log(rows, out / TRAINING_LOG_FILE)
     np.save(out / CELL_PREDICTIONS_FILE, predicted)
     correct = int(np.sum(predicted == data.y_test))
     summary = {
@@ -179,7 +179,7 @@ def run(cfg: Cell, split: SplitSpec, hidden: tuple[int, ...], activation: str, d
 # results) do not change with the pretraining.
 CONTRACT = Contract(stage=STAGE, run=run, section="study", shared=("split", "hidden", "activation"),
                     reads={"data_dir": "download", "pretrain_dir": "pretrain"}, after=("validate",),
-                    writes=(CELL_MODEL_FILE, HISTORY_FILE, CELL_PREDICTIONS_FILE, CELL_RESULT_FILE),
+                    writes=(CELL_MODEL_FILE, TRAINING_LOG_FILE, CELL_PREDICTIONS_FILE, CELL_RESULT_FILE),
                     code=(__name__, *TRAINING_CODE))
 
 

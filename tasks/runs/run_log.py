@@ -1,4 +1,4 @@
-"""Run history: one JSON line per flow run in `<store root>/history/runs.jsonl`, and its trend."""
+"""Run log: one JSON line per flow run in `<store root>/history/runs.jsonl`, and its trend."""
 
 from __future__ import annotations
 
@@ -27,11 +27,11 @@ TREND_TOLERANCE = 0.001  # accuracy per run (0.1 pts): below this the slope is r
 Trend = Literal["improving", "flat", "regressing"]
 
 
-class HistoryError(RuntimeError):
-    """The run history file cannot be read or appended to; the message names it."""
+class RunLogError(RuntimeError):
+    """The run log file cannot be read or appended to; the message names it."""
 
 
-def history_path(root: str | os.PathLike[str]) -> Path:
+def run_log_path(root: str | os.PathLike[str]) -> Path:
     return Store(root).root / RUN_LOG_FILE
 
 
@@ -48,7 +48,7 @@ def append(root: str | os.PathLike[str], record: dict[str, Any]) -> dict[str, An
     if store.bucket:
         _append_object(store, line)
         return record
-    path = history_path(root)
+    path = run_log_path(root)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with Store(root).lock("history"), path.open("ab+") as fh:
@@ -62,20 +62,20 @@ def append(root: str | os.PathLike[str], record: dict[str, Any]) -> dict[str, An
             fh.flush()
             os.fsync(fh.fileno())
     except OSError as exc:
-        raise HistoryError(f"run history {path} cannot be appended to ({exc.strerror or exc}); "
+        raise RunLogError(f"run history {path} cannot be appended to ({exc.strerror or exc}); "
                            "it was left as it is: fix or move it aside") from None
     return record
 
 
 def _append_object(store: Store, line: str) -> None:
-    """Object stores cannot append: rewrite the object under the history lock, only over the version read."""
+    """Object stores cannot append: rewrite the object under the run log lock, only over the version read."""
     rel = RUN_LOG_FILE.as_posix()
     try:
         with store.lock("history"):
             text = store.read_text(rel, errors="replace") or ""
             store.write_text(rel, text + ("\n" if text and not text.endswith("\n") else "") + line + "\n")
     except (OSError, UnicodeDecodeError, Conflict) as exc:
-        raise HistoryError(f"run history {store.location(rel)} cannot be appended to ({exc}); "
+        raise RunLogError(f"run history {store.location(rel)} cannot be appended to ({exc}); "
                            "it was left as it is: fix or move it aside") from None
 
 
@@ -86,7 +86,7 @@ def read(root: str | os.PathLike[str]) -> list[dict[str, Any]]:
     try:
         text = store.read_text(RUN_LOG_FILE.as_posix(), errors="replace")
     except (OSError, UnicodeDecodeError) as exc:
-        raise HistoryError(f"run history {path} cannot be read ({getattr(exc, 'strerror', None) or exc}); "
+        raise RunLogError(f"run history {path} cannot be read ({getattr(exc, 'strerror', None) or exc}); "
                            "it was left as it is: fix or move it aside") from None
     if text is None:
         return []
@@ -238,7 +238,7 @@ def trend_table(records: list[dict[str, Any]], last: int = 10) -> list[dict[str,
 def record(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef], decision: Decision | None,
            flow_run_id: str | None, *, flow_run_name: str | None = None,
            wall_s: float | None = None) -> dict[str, Any]:
-    """Append a flow run's record to the store's run history.
+    """Append a flow run's record to the store's run log.
 
     A stage found in the store cost this run no computing: its `duration_s` is 0, not the seconds the run that
     built it spent; its key says which artifact it was, so a run that re-scored the same models is not a new point.
