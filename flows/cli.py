@@ -23,7 +23,7 @@ from tasks.config import (
     PROFILES,
     STAGES,
     ConfigError,
-    Dataset,
+    DatasetName,
     PipelineConfig,
     check_stages,
     check_study,
@@ -126,10 +126,10 @@ def _parser() -> argparse.ArgumentParser:
     promote.add_argument("key", help="the fine-tune artifact key of the model (a unique prefix is enough)")
     promote.add_argument("--reason", default="promoted by hand")
     promote.add_argument("--store")
-    promote.add_argument("--dataset", default="mnist", choices=get_args(Dataset))
+    promote.add_argument("--dataset", default="mnist", choices=get_args(DatasetName))
     rollback = sub.add_parser("rollback", help="make the previous champion the champion again")
     rollback.add_argument("--store")
-    rollback.add_argument("--dataset", default="mnist", choices=get_args(Dataset))
+    rollback.add_argument("--dataset", default="mnist", choices=get_args(DatasetName))
     data = sub.add_parser("data", help="labeled batches arriving in the incoming directory (data.incoming)")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     add = data_sub.add_parser("add", help="copy batches into the incoming directory and validate them now: "
@@ -143,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", type=Path)
     predict.add_argument("--json", action="store_true", help="machine-readable output")
     predict.add_argument("--store")
-    predict.add_argument("--dataset", default="mnist", choices=get_args(Dataset))
+    predict.add_argument("--dataset", default="mnist", choices=get_args(DatasetName))
     return parser
 
 

@@ -26,7 +26,7 @@ Optimizer = Literal["rmsprop_tf1", "rmsprop", "adam", "sgd"]
 Init = Literal["normal", "glorot_uniform", "he_normal"]
 Activation = Literal["sigmoid", "relu"]
 Schedule = Literal["constant", "cosine"]
-Dataset = Literal["mnist", "fashion-mnist"]
+DatasetName = Literal["mnist", "fashion-mnist"]
 StudyModel = Literal["pretrained", "ann", "softmax"]
 
 MIRROR_ENV = "MNIST_MIRROR"
@@ -56,7 +56,7 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """Where the data comes from and how it is split (TF1's reader held out the first 5,000 training images)."""
 
-    dataset: Dataset = "mnist"
+    dataset: DatasetName = "mnist"
     mirror: Path | None = Field(default=None, description=f"Local directory with the four IDX files; env {MIRROR_ENV}.")
     offline: bool = Field(default=False, description=f"Never use the network; env {OFFLINE_ENV}=1.")
     validation_size: NonNegativeInt = 5000
