@@ -184,7 +184,7 @@ def test_run_on_real_models(trained, tmp_path):
         assert [c["support"] for c in m["per_class"]] == np.bincount(s.y_test, minlength=10).tolist()
         assert preds.predicted[name].dtype == np.uint8
         assert preds.predicted[name].tolist() == expected.tolist()
-        np.testing.assert_allclose(preds.confidence[name], probs.max(axis=1), rtol=1e-5)
+        np.testing.assert_allclose(preds.probability[name], probs.max(axis=1), rtol=1e-5)
         assert preds.correct(name).sum() == m["correct"]
     best = max(model_paths, key=lambda n: metrics["models"][n]["accuracy"])
     assert summary["best_model"] == metrics["best_model"] == best
@@ -196,8 +196,8 @@ def test_run_turns_logits_into_probabilities(trained, tmp_path):
     evaluate.evaluate_models(EvaluateConfig(confidence=0.9), SPLIT, data_dir, {"pretrained": paths["logits"]}, tmp_path)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["models"]["pretrained"]["output"] == "logits"
-    conf = predictions.load_predictions(tmp_path).confidence["pretrained"]
-    assert conf.min() >= 0.1 and conf.max() <= 1.0  # the top probability of 10 classes is at least 1/10
+    probability = predictions.load_predictions(tmp_path).probability["pretrained"]
+    assert probability.min() >= 0.1 and probability.max() <= 1.0  # the top probability of 10 classes is at least 1/10
 
 
 def test_run_rejects_a_missing_model_file(trained, tmp_path):

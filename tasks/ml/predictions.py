@@ -17,7 +17,7 @@ class Predictions:
 
     y_true: np.ndarray
     predicted: dict[str, np.ndarray]
-    confidence: dict[str, np.ndarray]
+    probability: dict[str, np.ndarray]  # of the predicted class
 
     def correct(self, model: str) -> np.ndarray:
         return self.predicted[model] == self.y_true
@@ -28,7 +28,7 @@ def save_predictions(preds: Predictions, directory: Path) -> Path:
     arrays: dict[str, Any] = {"y_true": preds.y_true.astype(np.uint8)}
     for name in preds.predicted:
         arrays[f"pred_{name}"] = preds.predicted[name].astype(np.uint8)
-        arrays[f"prob_{name}"] = preds.confidence[name].astype(np.float32)
+        arrays[f"prob_{name}"] = preds.probability[name].astype(np.float32)
     path = directory / PREDICTIONS_FILE
     np.savez_compressed(path, **arrays)
     return path
