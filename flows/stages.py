@@ -159,8 +159,8 @@ def publish_run(config: PipelineConfig, refs: dict[str, ArtifactRef], validated:
     (with a section on the incoming batches when the run takes them in)."""
     store = Store(config.store)
     run = run_report.RunInfo(id=flow_run.get_id(), name=flow_run.get_name(), at=datetime.now(UTC), wall_s=wall_s)
-    # Each evaluation is judged once, cached or not (promotion.promote skips one already judged).
-    decision = promotion.promote(config, store, refs, run.id, validated) if "evaluate" in refs else None
+    # Each evaluation is judged once, cached or not (promotion.decide skips one already judged).
+    decision = promotion.decide(config, store, refs, run.id, validated) if "evaluate" in refs else None
     run_log.record(config, store, refs, decision, run.id, flow_run_name=run.name, wall_s=wall_s)
     if "report" not in refs:
         return {"decision": decision and decision.reason}

@@ -14,7 +14,8 @@ from tasks.data.sources import fingerprint
 from tasks.data.splits import load_splits
 from tasks.ml.inference import predict_with
 from tasks.ml.predictions import load_predictions
-from tasks.runs.registry import MODEL, Decision, Registry, RegistryError, decide
+from tasks.runs import registry
+from tasks.runs.registry import MODEL, Decision, Registry, RegistryError
 from tasks.stages.files import METRICS_FILE, MODEL_FILES
 from tasks.store.artifacts import ArtifactError, ArtifactRef, Store
 
@@ -58,9 +59,9 @@ def _champion_correct(store: Store, champion: dict[str, Any], config: PipelineCo
     return probabilities.argmax(axis=1) == splits.y_test
 
 
-def promote(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef], flow_run_id: str | None,
-            validated: bool) -> Decision | None:
-    """Judge this run's evaluated model against the dataset's champion, once, and promote it when the rule says so.
+def decide(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef], flow_run_id: str | None,
+           validated: bool) -> Decision | None:
+    """Decide by the rule (`registry.decide`) whether this run's evaluated model becomes champion, once; record it.
 
     Whether the evaluation was computed in this run or found in the store, it is judged unless the
     registry already holds an event for it (so a run whose publishing failed is judged by a later run,
@@ -81,8 +82,8 @@ def promote(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef], 
             log.warning("model %s not judged: the champion must be re-scored on this run's test set, which needs "
                         "the download stage; a run that includes it will judge the model", challenger["key"][:12])
             return None
-        return decide(champion_correct, correct, config.promote, validation_passed=validated,
-                      baseline_correct=baseline)
+        return registry.decide(champion_correct, correct, config.promote, validation_passed=validated,
+                               baseline_correct=baseline)
 
     event = Registry(store.url, config.data.dataset).record_decision(challenger, judge, flow_run_id)
     return None if event is None else Decision(**event["decision"])
