@@ -1,4 +1,4 @@
-"""The run's report and accuracy table rendered for Prefect's artifacts, which cannot show the report's files."""
+"""The run report and the stage report's claim table rendered for Prefect's artifacts, which cannot show files."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from tasks.stages.files import REPORT_NAME
 
 
 def prefect_markdown(blocks_file: Path) -> str:
-    """The run's report as Markdown for a Prefect artifact, which cannot show the report's files.
+    """The run report as Markdown for a Prefect artifact, which cannot show the report's files.
 
     A link to the full report comes first; each figure is a placeholder naming it, the configuration dump
     and relative links are left to the full report.
@@ -37,7 +37,7 @@ def prefect_markdown(blocks_file: Path) -> str:
 
 
 def accuracy_table(reported: dict[str, Any]) -> list[dict[str, str]]:
-    """The report's claim table as Prefect table rows: accuracies in %, the test-set size and the verdict of the
+    """The stage report's claim table as Prefect table rows: accuracies in %, the test-set size and the verdict of the
     claim (pretrained > ann > softmax) on each row of a model it ranks."""
     rows = reported.get("rows") or []
     if not rows:

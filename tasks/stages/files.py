@@ -32,7 +32,7 @@ TRAINING_LOG_FILES: dict[str, tuple[str, str]] = {
 # evaluate
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.npz"
-# report, and the run report and the study's report beside it: <REPORT_NAME>.md and .html
+# The stage report, and the run report and the study's report beside it: <REPORT_NAME>.md and .html
 REPORT_NAME = "report"
 ACCURACY_FILE = "accuracy.json"
 # Sections of the report stage's blocks that the run report replaces (the artifacts) or moves to its end.

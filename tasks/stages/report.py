@@ -1,7 +1,7 @@
-"""The run report: claim table, training curves, reconstructions, confusion matrix, validation and provenance.
+"""The stage report: claim table, training curves, reconstructions, confusion matrix, validation and provenance.
 
-The report is a `tasks.document` block list, rendered to Markdown and to one self-contained HTML file; its
-`blocks.json` lets a later step append a section (a promotion decision, a trend over past runs) and re-render.
+The stage report is a `tasks.document` block list, rendered to Markdown and to one self-contained HTML file; its
+`blocks.json` lets the run report (`tasks.runs.run_report`) reuse its sections beside a decision and a trend.
 """
 
 from __future__ import annotations
