@@ -6,6 +6,8 @@ import gzip
 import io
 import math
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -26,19 +28,8 @@ class DataError(ValueError):
 
 def read_payload(path: Path, name: str | None = None) -> bytes:
     """The file's bytes, gunzipped when its name ends in .gz; `name` is how errors refer to it."""
-    name = name or str(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{name}: missing") from None
-    except OSError as exc:
-        raise DataError(f"{name}: unreadable ({exc.strerror})") from None
-    if path.suffix != ".gz":
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as exc:  # bad header, cut-off stream, bad deflate data or CRC
-        raise DataError(f"{name}: corrupt gzip ({exc})") from None
+    with _opened(path, name or str(path)) as stream:
+        return stream.read()
 
 
 def parse_idx(payload: bytes, name: str, magic: int, shape: tuple[int | None, ...]) -> np.ndarray:
@@ -52,7 +43,13 @@ def read_idx(path: Path, magic: int, shape: tuple[int | None, ...], max_items: i
     The header is checked before the data is read, and at most a little past the declared data: a small file that
     unpacks to gigabytes is refused without being unpacked.
     """
-    name = str(path)
+    with _opened(path, str(path)) as stream:
+        return _read_idx(stream, str(path), magic, shape, max_items)
+
+
+@contextmanager
+def _opened(path: Path, name: str) -> Iterator[io.BufferedIOBase]:
+    """The file as a stream, gunzipped as it is read when its name ends in .gz; its faults become DataErrors."""
     try:
         raw = path.open("rb")
     except FileNotFoundError:
@@ -61,10 +58,11 @@ def read_idx(path: Path, magic: int, shape: tuple[int | None, ...], max_items: i
         raise DataError(f"{name}: unreadable ({exc.strerror})") from None
     with raw:
         if path.suffix != ".gz":
-            return _read_idx(raw, name, magic, shape, max_items)
+            yield raw
+            return
         try:
             with gzip.GzipFile(fileobj=raw) as stream:
-                return _read_idx(stream, name, magic, shape, max_items)
+                yield stream
         except (OSError, EOFError, zlib.error) as exc:  # bad header, cut-off stream, bad deflate data or CRC
             raise DataError(f"{name}: corrupt gzip ({exc})") from None
 

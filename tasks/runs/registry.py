@@ -162,10 +162,13 @@ class Registry:
         stage, file = MODEL_FILES[MODEL]
         if not KEY.fullmatch(key):
             raise ArtifactError(f"{key!r} in registry {self.location} is not an artifact key")
-        if self.store.problem(stage, key) == ABSENT:
-            raise ArtifactError(f"{key[:12]} in registry {self.location} names no {stage} artifact in store "
-                                f"{self.store.url}")
-        return self.store.verified(f"{stage}/{key}/{file}")
+        try:
+            return self.store.verified(f"{stage}/{key}/{file}")
+        except ArtifactError:
+            if self.store.problem(stage, key) == ABSENT:  # asked only on failure: verifying once is enough
+                raise ArtifactError(f"{key[:12]} in registry {self.location} names no {stage} artifact in store "
+                                    f"{self.store.url}") from None
+            raise
 
     def judged(self, evaluate_key: str) -> bool:
         """Whether any registry event already concerns the model of this evaluation."""
