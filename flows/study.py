@@ -106,8 +106,8 @@ def label_study(
         checked = run.stage(validate, config.validate_, data)
         autoencoder = run.stage(pretrain, config.pretrain, data, checked)
         # Cells that need no pretraining are submitted first, so they can train beside it.
-        scratch = [c for c in cells if c.model != "pretrained"]
-        pretrained = [c for c in cells if c.model == "pretrained"]
+        scratch = [c for c in cells if not c.pretrained]
+        pretrained = [c for c in cells if c.pretrained]
         futures: list[PrefectFuture[Any]] = []
         for group, encoder in ((scratch, None), (pretrained, autoencoder)):
             if group:

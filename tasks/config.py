@@ -12,6 +12,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
@@ -27,7 +28,8 @@ Init = Literal["normal", "glorot_uniform", "he_normal"]
 Activation = Literal["sigmoid", "relu"]
 Schedule = Literal["constant", "cosine"]
 DatasetName = Literal["mnist", "fashion-mnist"]
-StudyModel = Literal["pretrained", "ann", "softmax"]
+StudyModel = Literal["pretrained", "ann", "softmax", "semi-pretrained", "semi-scratch"]
+Unlabeled = Literal["none", "vat"]
 
 MIRROR_ENV = "MNIST_MIRROR"
 OFFLINE_ENV = "MNIST_AE_OFFLINE"
@@ -129,9 +131,24 @@ class PretrainConfig(TrainConfig):
         "Denoising: the share of input pixels set to 0, anew every epoch; the target stays the clean image."))
 
 
+class VatConfig(_Section):
+    """Virtual adversarial training with entropy minimisation on the unlabeled images (docs/study.md)."""
+
+    epsilon: PositiveFloat = Field(default=2.0, description=(
+        "L2 length of the adversarial perturbation of an image (pixels in [0, 1]; an image's own length is about 9)."))
+    weight: NonNegativeFloat = Field(default=1.0, description="The VAT loss's weight beside the cross-entropy.")
+    entropy_weight: NonNegativeFloat = Field(default=1.0, description=(
+        "Weight of the unlabeled predictions' entropy, which pushes class boundaries away from the images."))
+    batch_size: PositiveInt = Field(default=128, description="Unlabeled images per optimizer step.")
+
+
 class FinetuneConfig(TrainConfig):
     freeze_encoder: bool = Field(default=False, description="Train only the softmax head (the notebook trains both).")
     linear_probe: bool = Field(default=False, description="Also train a frozen-encoder probe for the claim table.")
+    unlabeled: Unlabeled = Field(default="none", description=(
+        "What the training images teach beside their labels: nothing (the notebook), or virtual adversarial "
+        "training with entropy minimisation on all of them (vat, settings in finetune.vat)."))
+    vat: VatConfig = VatConfig()
 
 
 class BaselinesConfig(TrainConfig):
@@ -155,6 +172,15 @@ class PromoteConfig(_Section):
     alpha: float = Field(default=0.05, gt=0, lt=1, description="Significance level of McNemar's exact test.")
 
 
+class SemiStudyConfig(_Section):
+    """How the study's semi-supervised models train: VAT on all training images, its own rate, shifts and steps."""
+
+    learning_rate: PositiveFloat = 1e-2
+    shift: NonNegativeInt = Field(default=2, le=4, description="Pixel shifts of labeled and unlabeled images.")
+    min_steps: PositiveInt = Field(default=1000, description="Fewest optimizer steps of a semi-supervised cell.")
+    vat: VatConfig = VatConfig()
+
+
 class StudyConfig(_Section):
     """The label-efficiency study: label budgets, seeds, models, and the schedule fixed before any training.
 
@@ -173,6 +199,8 @@ class StudyConfig(_Section):
     epochs: PositiveInt = Field(default=5, description="Passes over the budget's labels, unless min_steps is more.")
     min_steps: PositiveInt = Field(default=500, description="Fewest optimizer steps of any cell.")
     alpha: float = Field(default=0.05, gt=0, lt=1, description="Significance level of the verdicts.")
+    semi: SemiStudyConfig = Field(default=SemiStudyConfig(), description=(
+        "The semi-supervised models' training (semi-pretrained, semi-scratch); the other models ignore it."))
 
     @field_validator("budgets")
     @classmethod

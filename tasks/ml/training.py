@@ -8,7 +8,7 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
@@ -18,6 +18,9 @@ from tasks.config import BaselinesConfig, FinetuneConfig, PretrainConfig, TrainC
 from tasks.ml.inputs import steps_per_epoch, training_batches
 from tasks.ml.optimizers import make_optimizer
 from tasks.ml.progress import EpochEnd, Progress
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 log = logging.getLogger(__name__)
 
@@ -162,19 +165,22 @@ def _maybe_float(value: Any) -> float | None:
 
 def fit(model: keras.Model, x: np.ndarray, y: np.ndarray | None, validation: tuple[np.ndarray, np.ndarray] | None,
         cfg: TrainConfig, progress: Progress | None = None, *, seed: int = 0, tensorboard: Path | None = None,
-        name: str | None = None, part: tuple[int, int] = (0, 1)) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        name: str | None = None, part: tuple[int, int] = (0, 1), batches: tf.data.Dataset | None = None
+        ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Compile and train a model; return its training log (per-epoch rows) and a summary of the run.
 
     `y=None` trains an autoencoder to reconstruct `x`. The batches come from `tasks.ml.inputs` (a new order every
     epoch, the config's noise and shifts), all drawn from `seed`. `name` (default: the model's) names the model in
     log lines, progress and TensorBoard runs. With `tensorboard`, Keras writes the epoch scalars as TensorBoard
     event files into `<tensorboard>/<name>/`. `part` is (this model's index, models the stage trains), so progress
-    reports the stage's share done.
+    reports the stage's share done. `batches` replaces the input pipeline's batches of (`x`, `y`), with as many
+    steps per epoch (`tasks.ml.semi_supervised` adds unlabeled images to them).
     """
     name = name or model.name
     steps = steps_per_epoch(len(x), cfg.batch_size)
     compile_model(model, cfg, RECONSTRUCTION_LOSS if y is None else CLASSIFICATION_LOSS, steps * cfg.epochs)
-    batches = training_batches(x, y, cfg.batch_size, seed, noise=getattr(cfg, "noise", 0.0), shift=cfg.shift)
+    if batches is None:
+        batches = training_batches(x, y, cfg.batch_size, seed, noise=getattr(cfg, "noise", 0.0), shift=cfg.shift)
     epoch_log = _EpochLog(cfg.epochs, progress, name, cfg, part)
     callbacks: list[keras.callbacks.Callback] = [epoch_log]
     if cfg.early_stopping_patience is not None:

@@ -19,12 +19,13 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from tasks.config import Init, Optimizer, SplitSpec, StudyConfig, StudyModel, TrainConfig
+from tasks.config import Init, Optimizer, SemiStudyConfig, SplitSpec, StudyConfig, StudyModel, TrainConfig
 from tasks.data.mnist import CLASSES
 from tasks.data.splits import load_splits
 from tasks.ml.inference import probabilities
 from tasks.ml.networks import build_ann, build_classifier, build_softmax_regression, extract_encoder
 from tasks.ml.saved import load_autoencoder
+from tasks.ml.semi_supervised import fit_semi_supervised
 from tasks.ml.training import TRAINING_CODE, fit, seed_everything, write_training_log
 from tasks.pipeline.contract import Contract
 from tasks.stages.files import CELL_MODEL_FILE, CELL_PREDICTIONS_FILE, CELL_RESULT_FILE, TRAINING_LOG_FILE
@@ -35,6 +36,8 @@ STAGE = "study-cell"
 # A small budget is tiled so that one Keras pass over it is about this many steps, not one step per pass
 # (Keras pays a fixed cost and logs a line per pass); the number of optimizer steps stays what `steps` says.
 STEPS_PER_PASS = 50
+# The models that also learn from the training split's images without their labels (tasks.ml.semi_supervised).
+SEMI_MODELS = ("semi-pretrained", "semi-scratch")
 
 
 class Cell(BaseModel):
@@ -51,16 +54,23 @@ class Cell(BaseModel):
     epochs: int
     min_steps: int
     init: Init  # of the ANN's random initialisation, the pipeline's baselines.init
+    semi: SemiStudyConfig | None = None  # how a semi-supervised model trains; None for the others
 
     @property
     def name(self) -> str:
         return f"{self.model}-{self.budget}-seed{self.seed}"
 
+    @property
+    def pretrained(self) -> bool:
+        """Whether the cell's model starts from the pretrained encoder (so reads the pretraining)."""
+        return self.model in ("pretrained", "semi-pretrained")
+
 
 def grid(cfg: StudyConfig, init: Init) -> list[Cell]:
     """Every (budget, seed, model) cell of the study, budgets outermost."""
     schedule = cfg.model_dump(include={"optimizer", "learning_rate", "batch_size", "epochs", "min_steps"})
-    return [Cell(model=model, budget=budget, seed=seed, init=init, **schedule)
+    return [Cell(model=model, budget=budget, seed=seed, init=init, semi=cfg.semi if model in SEMI_MODELS else None,
+                 **schedule)
             for budget in cfg.budgets for seed in range(cfg.seeds) for model in cfg.models]
 
 
@@ -107,7 +117,7 @@ class Schedule:
 def schedule(cell: Cell) -> Schedule:
     """At least `max(min_steps, epochs * ceil(budget / batch))` optimizer steps, in whole passes over the tiling."""
     batch = min(cell.batch_size, cell.budget)
-    wanted = max(cell.min_steps, cell.epochs * math.ceil(cell.budget / batch))
+    wanted = max(cell.semi.min_steps if cell.semi else cell.min_steps, cell.epochs * math.ceil(cell.budget / batch))
     repeats = max(1, (STEPS_PER_PASS * batch) // cell.budget)
     per_pass = math.ceil(cell.budget * repeats / batch)
     passes = math.ceil(wanted / per_pass)
@@ -117,26 +127,36 @@ def schedule(cell: Cell) -> Schedule:
 # --- one cell ----------------------------------------------------------------------------------------------------
 
 def train(cell: Cell, x: np.ndarray, y: np.ndarray, hidden: tuple[int, ...], activation: str,
-          autoencoder: Any = None) -> tuple[Any, list[dict[str, Any]], Schedule]:
-    """Train the cell's model on its labeled images only; returns the model, its training log rows and the schedule.
+          autoencoder: Any = None, unlabeled: np.ndarray | None = None) -> tuple[Any, list[dict[str, Any]], Schedule]:
+    """Train the cell's model on its labeled images; returns the model, its training log rows and the schedule.
 
-    Everything it learns from is in `x` and `y`: the budget's images and labels, nothing else.
+    Everything it learns from is in `x` and `y` (the budget's images and labels) and, for a semi-supervised
+    model, `unlabeled` (the training split's images, whose labels it never sees).
     """
     if len(x) != cell.budget or len(y) != cell.budget:
         raise ValueError(f"{cell.name}: expected {cell.budget} labeled images, got {len(x)} and {len(y)}")
     seed_everything(cell.seed)
-    if cell.model == "pretrained":
+    if cell.pretrained:
         if autoencoder is None:
             raise ValueError(f"{cell.name}: the pretrained model needs the pretrained autoencoder")
         model = build_classifier(extract_encoder(autoencoder), freeze=False)
-    elif cell.model == "ann":
+    elif cell.model in ("ann", "semi-scratch"):
         model = build_ann(hidden, activation, cell.init, cell.seed)
     else:
         model = build_softmax_regression()
     plan = schedule(cell)
-    cfg = TrainConfig(optimizer=cell.optimizer, learning_rate=cell.learning_rate, epochs=plan.passes,
-                      batch_size=plan.batch_size)
-    rows, _ = fit(model, np.tile(x, (plan.repeats, 1)), np.tile(y, plan.repeats), None, cfg, seed=cell.seed)
+    x, y = np.tile(x, (plan.repeats, 1)), np.tile(y, plan.repeats)
+    if cell.semi is None:
+        cfg = TrainConfig(optimizer=cell.optimizer, learning_rate=cell.learning_rate, epochs=plan.passes,
+                          batch_size=plan.batch_size)
+        rows, _ = fit(model, x, y, None, cfg, seed=cell.seed)
+        return model, rows, plan
+    if unlabeled is None:
+        raise ValueError(f"{cell.name}: the semi-supervised model needs the unlabeled training images")
+    # Cosine decay: VAT's best rate here is too large to end a training with (bench/semi_supervised.py).
+    cfg = TrainConfig(optimizer=cell.optimizer, learning_rate=cell.semi.learning_rate, epochs=plan.passes,
+                      batch_size=plan.batch_size, schedule="cosine", shift=cell.semi.shift)
+    rows, _ = fit_semi_supervised(model, x, y, unlabeled, None, cfg, cell.semi.vat, seed=cell.seed)
     return model, rows, plan
 
 
@@ -155,9 +175,9 @@ def run(cfg: Cell, split: SplitSpec, hidden: tuple[int, ...], activation: str, d
     """
     data = load_splits(data_dir, split)
     chosen = labeled_subset(data.y_train, cfg.budget, cfg.seed)
-    autoencoder = load_autoencoder(pretrain_dir) if cfg.model == "pretrained" and pretrain_dir else None
+    autoencoder = load_autoencoder(pretrain_dir) if cfg.pretrained and pretrain_dir else None
     model, rows, plan = train(cfg, data.x_train[chosen], data.y_train[chosen], tuple(hidden), activation,
-                              autoencoder)
+                              autoencoder, data.x_train if cfg.semi else None)
     predicted = predict_classes(model, data.x_test, cfg.name)
     model.save(out / CELL_MODEL_FILE)
     write_training_log(rows, out / TRAINING_LOG_FILE)
@@ -175,12 +195,12 @@ def run(cfg: Cell, split: SplitSpec, hidden: tuple[int, ...], activation: str, d
     return summary
 
 
-# The pretrained model reads the pretrain artifact; the ANN and softmax cells do not, so their keys (and
+# The pretrained models read the pretrain artifact; the others do not, so their keys (and
 # results) do not change with the pretraining.
 CONTRACT = Contract(stage=STAGE, run=run, section="study", shared=("split", "hidden", "activation"),
                     reads={"data_dir": "download", "pretrain_dir": "pretrain"}, after=("validate",),
                     writes=(CELL_MODEL_FILE, TRAINING_LOG_FILE, CELL_PREDICTIONS_FILE, CELL_RESULT_FILE),
-                    code=(__name__, *TRAINING_CODE))
+                    code=(__name__, *TRAINING_CODE, "tasks.ml.semi_supervised"))
 
 
 def load_predictions(cell_dir: str | Path) -> np.ndarray:

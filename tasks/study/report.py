@@ -25,8 +25,9 @@ from tasks.study.cells import load_predictions
 STAGE = "study-report"
 TITLE = "Label-efficiency study: where does autoencoder pretraining pay off?"
 LABELS = {"pretrained": "pretrained encoder, fine-tuned", "ann": "same network from scratch (ANN)",
-          "softmax": "softmax regression"}
-COLORS = {"pretrained": "C0", "ann": "C1", "softmax": "C2"}
+          "softmax": "softmax regression", "semi-pretrained": "pretrained encoder, semi-supervised (VAT)",
+          "semi-scratch": "same network from scratch, semi-supervised (VAT)"}
+COLORS = {"pretrained": "C0", "ann": "C1", "softmax": "C2", "semi-pretrained": "C3", "semi-scratch": "C4"}
 CONFIDENCE = 0.95
 
 
