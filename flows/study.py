@@ -32,7 +32,7 @@ UPSTREAM: list[Stage] = ["download", "validate", "pretrain"]
 def study_cell(cell: study.Cell, data: ArtifactRef, checked: ArtifactRef, autoencoder: ArtifactRef | None,
                shared: dict[str, Any], store: str) -> State[ArtifactRef]:
     """Find one cell's artifact in the store or train it on its labeled subset and score it."""
-    upstream = [data, checked] + ([autoencoder] if cell.model == "pretrained" and autoencoder else [])
+    upstream = [data, checked] + ([autoencoder] if cell.pretrained and autoencoder else [])
     ref = graph.execute(study.STAGE, cell, upstream, shared, Store(store), contract=study.CONTRACT)
     get_run_logger().info("%s %s: test accuracy %.4f (%s)", cell.name, "found" if ref.cached else "computed",
                           ref.summary["accuracy"], ref.path)

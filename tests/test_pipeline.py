@@ -696,3 +696,11 @@ def test_an_unusable_store_is_named_before_any_work(tmp_path, mnist_mirror, caps
     assert proc.stderr.strip().splitlines() == expected[:len(stores)]
     if len(stores) == 1:
         pytest.skip("the store under a file passed; no user namespaces here to mount a read-only file system")
+
+
+def test_semi_supervised_finetuning_runs_in_the_pipeline(first, store):
+    semi = run(store, stages=["finetune", "evaluate"], overrides={"finetune.unlabeled": "vat"})
+    finetuned = semi["stages"]["finetune"]
+    assert not finetuned["cached"] and finetuned["key"] != first["stages"]["finetune"]["key"]
+    assert finetuned["summary"]["unlabeled"] == "vat"
+    assert semi["stages"]["evaluate"]["summary"]["accuracy"]["pretrained"] > 0.5
