@@ -45,7 +45,7 @@ def accuracy_table(reported: dict[str, Any]) -> list[dict[str, str]]:
     held = reported.get("claim_held")
     verdict = {True: "held", False: "did not hold", None: "not judged"}[held]
     n = reported.get("n_test")
-    level = f"{round(100 * (reported.get('confidence') or 0.95))} %"
+    level = document.percent(reported.get("confidence") or 0.95, None)
     table = report.claim_table(rows, level)
     return [{**dict(zip(table.header, cells, strict=True)),
              "Test images": f"{n:,}" if isinstance(n, int) else "",

@@ -69,11 +69,14 @@ FOLDED_CODE_LINES = 15  # longer code blocks (a config dump) are folded in HTML 
 _KIND_OF = {cls: kind for kind, cls in _KINDS.items()}
 
 
-def percent(share: float | None, digits: int | None = 2, sep: str = " ", missing: str = "") -> str:
-    """A share as a percentage, 0.9612 -> "96.12 %"; `digits=None` keeps the digits it needs (0.105 -> "10.5 %")."""
+def percent(share: float | None, digits: int | None = 2, missing: str = "") -> str:
+    """A share as a percentage, 0.9612 -> "96.12 %"; `digits=None` keeps the digits it needs (0.105 -> "10.5 %").
+
+    Every percentage the product shows (reports, tables, log lines, error messages) is written by this function.
+    """
     if share is None:
         return missing
-    return f"{100 * share:g}{sep}%" if digits is None else f"{100 * share:.{digits}f}{sep}%"
+    return f"{100 * share:g} %" if digits is None else f"{100 * share:.{digits}f} %"
 
 
 def table_from_records(records: list[dict[str, Any]]) -> Table:

@@ -132,7 +132,7 @@ def test_verdicts_say_whether_pretraining_helped_and_how_sure(tmp_path):
                     | {("ann", s): idx < 800 for s in range(3)})
     (row,) = study_report.compare(helped, y, alpha=0.05)
     assert (row["pretrained_only"], row["ann_only"]) == (297, 0)
-    assert row["sentence"].startswith("With 100 labels, pretraining helped: 89.90% against 80.00%")
+    assert row["sentence"].startswith("With 100 labels, pretraining helped: 89.90 % against 80.00 %")
     assert "+9.90 points" in row["sentence"] and "We are sure" in row["sentence"]
     # Five discordant pairs each way: no measurable difference.
     noise = _cells(tmp_path / "b", y, {("pretrained", 0): (idx < 800) | (idx >= 995),

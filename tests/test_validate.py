@@ -123,8 +123,8 @@ def test_label_out_of_range(small, tmp_path):
     assert "labels in 0..9 (expect_column_values_to_be_in_set on column label): " \
            "1 unexpected value(s), e.g. 11 (train image 3)" in exc.failures
     # A class of one image is also far below the minimum share.
-    assert titles(exc) == {"labels in 0..9", "train class shares within 5%..15%"}
-    assert "class 11 is 0.1% of train" in str(exc)
+    assert titles(exc) == {"labels in 0..9", "train class shares within 5 % to 15 %"}
+    assert "class 11 is 0.1 % of train" in str(exc)
 
 
 def test_nan_pixel_in_float_images(small, tmp_path):
@@ -162,7 +162,7 @@ def test_missing_class(small, tmp_path):
 
 def test_class_share_bounds_come_from_the_config(small, tmp_path):
     exc = fail(small, tmp_path, cfg=ValidateConfig(min_class_share=0.105, max_class_share=0.5))
-    assert titles(exc) == {"train class shares within 10.5%..50%", "test class shares within 10.5%..50%"}
+    assert titles(exc) == {"train class shares within 10.5 % to 50 %", "test class shares within 10.5 % to 50 %"}
 
 
 def test_wrong_row_count(small, tmp_path):

@@ -194,7 +194,7 @@ def build_expectations(cfg: ValidateConfig, expected_rows: Mapping[str, int]) ->
 
     e = gx.expectations
     in_split = {s: Column("split") == s for s in SPLITS}
-    share = f"{percent(cfg.min_class_share, None, '')}..{percent(cfg.max_class_share, None, '')}"
+    share = f"{percent(cfg.min_class_share, None)} to {percent(cfg.max_class_share, None)}"
     return [
         *(e.ExpectTableRowCountToEqual(value=expected_rows[s], row_condition=in_split[s],
                                        description=f"{s} has {expected_rows[s]:,} images") for s in SPLITS),
@@ -236,7 +236,7 @@ def _image_expectations(e: Any) -> list[Expectation]:
 def build_batch_expectations(cfg: ValidateConfig) -> list[Expectation]:
     """The checks of a new batch (a `summarize_batch` frame) before it may join the training data."""
     e = _import_gx().expectations
-    share = f"{percent(cfg.min_class_share, None, '')}..{percent(cfg.max_class_share, None, '')}"
+    share = f"{percent(cfg.min_class_share, None)} to {percent(cfg.max_class_share, None)}"
     rule = f"two-sample KS distance below {cfg.drift_max_distance:g} where p < "
     return [
         *_image_expectations(e),
@@ -356,7 +356,7 @@ def _examples(frame: pd.DataFrame, column: str, found: Mapping[str, Any], show_v
         row = frame.loc[index] if index is not None and index in frame.index else None
         image = "" if row is None else f"{row['split']} image {row['position']}"
         if column == "class_share" and row is not None:
-            key = text = f"class {_show(row['label'])} is {percent(value, 1, '')} of {row['split']}"
+            key = text = f"class {_show(row['label'])} is {percent(value, 1)} of {row['split']}"
         elif show_value or not image:
             # One example per distinct value: "int64 (train image 0)", not the same dtype three times.
             key, text = _show(value), _show(value) + (f" ({image})" if image else "")
@@ -400,8 +400,8 @@ def _paragraph(dataset: str, counts: dict[str, Any], total: int, failures: list[
     return (f"The {dataset} data passed all {total} Great Expectations checks: {images}, every one a "
             f"{SIDE}x{SIDE} {IMAGE_DTYPE} image with pixel values in 0..255, no NaN and no blank image; "
             f"labels are {LABEL_DTYPE}, all in 0..9 with none missing, every class is present in both splits with "
-            f"shares from {percent(low, 1, '')} to {percent(high, 1, '')} "
-            f"(allowed {percent(cfg.min_class_share, None, '')} to {percent(cfg.max_class_share, None, '')}), "
+            f"shares from {percent(low, 1)} to {percent(high, 1)} "
+            f"(allowed {percent(cfg.min_class_share, None)} to {percent(cfg.max_class_share, None)}), "
             f"and no test image is an exact duplicate of a training image.")
 
 

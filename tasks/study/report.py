@@ -104,7 +104,7 @@ def verdict(row: dict[str, Any]) -> str:
     interval = ("" if row["low"] is None
                 else f", 95 % interval {100 * row['low']:+.2f} to {100 * row['high']:+.2f}")
     ahead = sum(s["difference"] > 0 for s in seeds)
-    numbers = (f"{percent(row['pretrained'], sep='')} against {percent(row['ann'], sep='')} for the same network "
+    numbers = (f"{percent(row['pretrained'])} against {percent(row['ann'])} for the same network "
                f"trained from scratch, "
                f"{points:+.2f} points (mean of {k} seed{'s' if k > 1 else ''}{interval}; pretrained ahead in "
                f"{ahead} of {k}; McNemar p = {row['p_value']:.2g} with the seeds pooled)")
@@ -156,9 +156,9 @@ def blocks_of(rows: list[dict[str, Any]], verdicts: list[dict[str, Any]], protoc
     """The report as document blocks."""
     accuracy = document.Table(
         ("labels", "model", "mean accuracy", "95 % interval", "per seed"),
-        tuple((f"{r['budget']:,}", LABELS[r["model"]], percent(r["mean"], sep=''),
-               "" if r["low"] is None else f"{percent(r['low'], sep='')} to {percent(r['high'], sep='')}",
-               ", ".join(percent(a, sep='') for a in r["seeds"].values())) for r in rows))
+        tuple((f"{r['budget']:,}", LABELS[r["model"]], percent(r["mean"]),
+               "" if r["low"] is None else f"{percent(r['low'])} to {percent(r['high'])}",
+               ", ".join(percent(a) for a in r["seeds"].values())) for r in rows))
     tests = document.Table(
         ("labels", "seed", "only pretrained right", "only ANN right", "McNemar exact p"),
         tuple(row for v in verdicts for row in (
