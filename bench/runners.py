@@ -22,6 +22,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from tasks.runs.run_log import RUN_LOG_FILE
+
 RUNNERS = ("sequential", "dask")
 CLI = Path(sys.executable).with_name("mnist-ae")
 
@@ -40,7 +42,7 @@ def timed_run(profile: str, runner: str) -> dict:
         wall, cpu = time.perf_counter() - started, children_cpu_s() - cpu
         if proc.returncode:
             sys.exit(f"{runner} run failed:\n{proc.stderr[-4000:]}")
-        (record,) = [json.loads(line) for line in (Path(store) / "history" / "runs.jsonl").read_text().splitlines()]
+        (record,) = [json.loads(line) for line in (Path(store) / RUN_LOG_FILE).read_text().splitlines()]
     return {"wall_s": wall, "cpu_percent": 100 * cpu / wall, "accuracy": record["accuracy"],
             "stages": {s: v["duration_s"] for s, v in record["stages"].items()}}
 

@@ -46,9 +46,9 @@ def candidate(key: str, model: Path) -> dict:
 def champion(tmp_path, mnist) -> dict:
     """A store whose champion answers 3, beside a baseline in it and a model of another store that answer 7."""
     store = Store(tmp_path / "store")
-    key, model = stored(store, "finetune", "finetuned.keras", 3)
+    key, model = stored(store, "finetune", "pretrained.keras", 3)
     _, ann = stored(store, "baselines", "ann.keras", 7)
-    _, elsewhere = stored(Store(tmp_path / "other"), "finetune", "finetuned.keras", 7)
+    _, elsewhere = stored(Store(tmp_path / "other"), "finetune", "pretrained.keras", 7)
     Registry(store.url).promote(key, candidate(key, model), by="test", reason="first")
     digit = tmp_path / "digit.png"
     Image.fromarray(255 - mnist.x_test[0]).save(digit)  # dark ink on white, as a scan
@@ -71,7 +71,7 @@ def _predict(champion: dict, capsys) -> tuple[int, str, str]:
 def test_predict_serves_the_model_of_the_champion_key_whatever_model_path_says(champion, capsys):
     registry = champion["registry"]
     for path in (champion["ann"].relative_to(champion["store"].root).as_posix(), str(champion["ann"]),
-                 str(champion["elsewhere"]), "finetune/missing/finetuned.keras"):
+                 str(champion["elsewhere"]), "finetune/missing/pretrained.keras"):
         _edit(registry, model_path=path)
         code, out, err = _predict(champion, capsys)
         assert code == 0, err
@@ -105,7 +105,7 @@ def test_promote_refuses_an_empty_key_and_keeps_an_existing_champion_without_an_
 
 
 def test_rollback_without_a_champion_says_so(champion, capsys):
-    _, second = stored(champion["store"], "finetune", "finetuned.keras", 5)
+    _, second = stored(champion["store"], "finetune", "pretrained.keras", 5)
     Registry(champion["store"].url).promote(second.parent.name, candidate(second.parent.name, second), by="test",
                                             reason="second")
     state = json.loads(champion["registry"].read_text())

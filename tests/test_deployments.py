@@ -294,8 +294,8 @@ def read_champion(store: Path) -> dict[str, Any] | None:
     return json.loads((store / "registry" / "mnist.json").read_text())["champion"]
 
 
-def read_history(store: Path) -> list[dict[str, Any]]:
-    path = store / "history" / "runs.jsonl"
+def read_run_log(store: Path) -> list[dict[str, Any]]:
+    path = store / "run_log.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -334,7 +334,7 @@ def test_train_deployment_runs_on_a_worker_and_reuses_the_store(prefect_server, 
     assert set(first_states.values()) == {"Completed"}, first_states
     champion = read_champion(store)
     assert champion is not None
-    (record,) = read_history(store)
+    (record,) = read_run_log(store)
     assert record["flow_run_id"] == str(first)
 
     second, log = run_train(env, store, worker_dir, "sequential")
@@ -346,5 +346,5 @@ def test_train_deployment_runs_on_a_worker_and_reuses_the_store(prefect_server, 
     # Whatever the runner, the store decides. A stage's key covers its source, so editing tasks/ while this test
     # runs also fails here.
     assert set(second_states.values()) == {"Cached"}, f"recomputed on the second run: {second_states}"
-    assert [r["flow_run_id"] for r in read_history(store)] == [str(first), str(second)]
+    assert [r["flow_run_id"] for r in read_run_log(store)] == [str(first), str(second)]
     assert read_champion(store)["key"] == champion["key"]

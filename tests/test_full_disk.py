@@ -63,11 +63,11 @@ def rollback_on_a_full_disk(disk: str) -> None:
         inputs = {"model": name}
 
         def produce(out: Path, name: str = name) -> dict:
-            (out / "finetuned.keras").write_text(f"model {name}")
+            (out / "pretrained.keras").write_text(f"model {name}")
             return {}
 
         ref = store.materialize("finetune", key_of(inputs), inputs, produce)
-        registry.promote(ref.key, {"key": ref.key, "model_path": f"{ref.path}/finetuned.keras", "accuracy": 0.9,
+        registry.promote(ref.key, {"key": ref.key, "model_path": f"{ref.path}/pretrained.keras", "accuracy": 0.9,
                                    "n": 10, "data_fingerprint": None, "evaluate_key": None}, by="test", reason=name)
     before = (store.root / "registry" / "mnist.json").read_text()
     files = _files(store.root)

@@ -140,19 +140,34 @@ def test_the_lock_is_held_by_one_process_at_a_time_and_a_dead_holders_lease_expi
     assert 1.0 <= waited < 10
 
 
-def test_registry_and_history_refuse_to_overwrite_a_change_they_did_not_read(url):
+def test_registry_and_run_log_refuse_to_overwrite_a_change_they_did_not_read(url):
     """A writer whose lease was taken over must not lose the other writer's registry event."""
     registry = Registry(url)
     assert registry.champion() is None and registry.events() == []
-    registry.store.write_text("registry/mnist.json", json.dumps({"champion": None, "history": []}))
+    registry.store.write_text("registry/mnist.json", json.dumps({"champion": None, "events": []}))
     meanwhile = Store(url)
     meanwhile.read_text("registry/mnist.json")
-    meanwhile.write_text("registry/mnist.json", json.dumps({"champion": None, "history": []}) + "\n")
+    meanwhile.write_text("registry/mnist.json", json.dumps({"champion": None, "events": []}) + "\n")
     with pytest.raises(RegistryError, match="changed by another run"):
-        registry._write({"champion": None, "history": []})
+        registry._write({"champion": None, "events": []})
     for n in range(3):
         run_log.append(url, {"flow_run_id": f"r{n}", "accuracy": {"pretrained": 0.5}, "stages": {}})
     assert [r["flow_run_id"] for r in run_log.read(url)] == ["r0", "r1", "r2"]
+
+
+def test_an_old_run_log_and_registry_are_migrated_by_the_next_write(url):
+    """Objects written before the renames (history/runs.jsonl, the registry's `history`) are read; the run log
+    moves on its next append."""
+    store = Store(url)
+    old_record = {"flow_run_id": "old", "accuracy": {"pretrained": 0.5}, "stages": {}}
+    store.write_text("history/runs.jsonl", json.dumps(old_record) + "\n")
+    store.write_text("registry/mnist.json", json.dumps({"champion": None, "history": [
+        {"event": "reject", "candidate": {"key": "ab", "model_path": "finetune/ab/finetuned.keras"}}]}))
+    assert [r["flow_run_id"] for r in run_log.read(url)] == ["old"]
+    assert [e["event"] for e in Registry(url).events()] == ["reject"]
+    run_log.append(url, {**old_record, "flow_run_id": "new"})
+    assert [r["flow_run_id"] for r in run_log.read(url)] == ["old", "new"]
+    assert Store(url).read_text("history/runs.jsonl") is None
 
 
 def test_unusable_object_stores_fail_in_one_line(url, monkeypatch):

@@ -160,12 +160,12 @@ def test_flow_run_is_named_and_tagged_and_each_model_logs_its_epochs(first):
 
 
 def test_training_stages_leave_tensorboard_event_files(first):
-    """Each trained model's epochs as TensorBoard scalars, equal to its history.json."""
+    """Each trained model's epochs as TensorBoard scalars, equal to its training log."""
     import tensorflow as tf
 
-    for stage, model, training_log_file in (("pretrain", "autoencoder", "history.json"),
-                                       ("finetune", "probe", "probe_history.json"),
-                                       ("baselines", "ann", "ann_history.json")):
+    for stage, model, training_log_file in (("pretrain", "autoencoder", "training_log.json"),
+                                       ("finetune", "probe", "probe_training_log.json"),
+                                       ("baselines", "ann", "ann_training_log.json")):
         directory = Path(first["stages"][stage]["path"])
         rows = json.loads((directory / training_log_file).read_text())
         (events,) = (directory / "tensorboard" / model / "validation").glob("events.out.tfevents.*")
@@ -233,6 +233,8 @@ def test_changing_a_finetune_setting_reruns_only_what_follows(changed):
 
 
 def test_forced_rerun_of_one_stage_reproduces_its_metrics(first, store):
+    training_log_file = Path(first["stages"]["finetune"]["path"]) / "pretrained_training_log.json"
+    before_rows = json.loads(training_log_file.read_text())
     forced = run(store, stages=["finetune", "evaluate"], force=["finetune", "evaluate"])
     assert set(forced["stages"]) >= {"finetune", "evaluate"}
     states = task_states(forced["flow_run_id"])
@@ -241,8 +243,10 @@ def test_forced_rerun_of_one_stage_reproduces_its_metrics(first, store):
     assert not forced["stages"]["finetune"]["cached"]
     before = first["stages"]["evaluate"]["summary"]["accuracy"]
     assert forced["stages"]["evaluate"]["summary"]["accuracy"] == before
-    training_log_file = Path(forced["stages"]["finetune"]["path"]) / "history.json"
-    assert json.loads(training_log_file.read_text()) == json.loads(training_log_file.read_text())
+    assert Path(forced["stages"]["finetune"]["path"]) == training_log_file.parent
+    untimed = [[{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+               for rows in (before_rows, json.loads(training_log_file.read_text()))]
+    assert untimed[0] == untimed[1] and len(untimed[0]) > 0
 
 
 def test_seed_part2_stops_after_pretraining_and_reports_the_reconstruction(tmp_path):
@@ -447,9 +451,9 @@ def stored_model(root: Path, model) -> tuple[str, Path]:
     key = "f" * 64
     directory = root / "finetune" / key
     directory.mkdir(parents=True)
-    model.save(directory / "finetuned.keras")
+    model.save(directory / "pretrained.keras")
     write_manifest(directory, key=key)
-    return key, directory / "finetuned.keras"
+    return key, directory / "pretrained.keras"
 
 
 def test_predict_never_serves_a_damaged_champion(first, store, tmp_path, mnist_mirror, capsys):
@@ -468,12 +472,12 @@ def test_predict_never_serves_a_damaged_champion(first, store, tmp_path, mnist_m
         return line
 
     shutil.copyfile(model.parent / "probe.keras", model)
-    assert "size mismatch in finetuned.keras" in predict_error()
+    assert "size mismatch in pretrained.keras" in predict_error()
     damaged = bytearray(original)
     for offset in (100, len(damaged) // 2, len(damaged) - 100):
         damaged[offset] ^= 0xFF
     model.write_bytes(bytes(damaged))
-    assert "checksum mismatch in finetuned.keras" in predict_error("--json")
+    assert "checksum mismatch in pretrained.keras" in predict_error("--json")
     model.write_bytes(original)
     (model.parent / "manifest.json").unlink()
     assert "no manifest" in predict_error()
@@ -599,8 +603,8 @@ def test_a_finite_chance_level_model_is_refused_by_the_quality_gate(first, store
     assert planned["finetune"].cached and event["candidate"]["key"] == planned["finetune"].key
 
 
-CORRUPT_REGISTRIES = {"truncated": '{"champion": {"key": "ab', "no champion": '{"history": []}',
-                      "champion a number": '{"champion": 5, "history": []}'}
+CORRUPT_REGISTRIES = {"truncated": '{"champion": {"key": "ab', "no champion": '{"events": []}',
+                      "champion a number": '{"champion": 5, "events": []}'}
 
 
 @pytest.mark.parametrize("text", CORRUPT_REGISTRIES.values(), ids=CORRUPT_REGISTRIES.keys())
@@ -650,7 +654,7 @@ def test_a_challenger_whose_publishing_failed_is_judged_later(first, store, tmp_
     champion_model = unjudged / state["champion"]["model_path"]
     intact = champion_model.read_bytes()
     champion_model.write_bytes(intact[:-1])
-    with pytest.raises(RegistryError, match=r"finetuned.keras: fails verification .*: it cannot be re-scored"):
+    with pytest.raises(RegistryError, match=r"pretrained.keras: fails verification .*: it cannot be re-scored"):
         run(unjudged, overrides=overrides)
     champion_model.write_bytes(intact)
     assert not Registry(unjudged).judged(steps["evaluate"].key)

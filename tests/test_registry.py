@@ -40,7 +40,7 @@ def paired(n: int, b: int, c: int, both: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def candidate(name: str, accuracy: float = 0.95) -> dict:
-    return {"key": name * 8, "model_path": f"finetune/{name * 8}/finetuned.keras", "accuracy": accuracy,
+    return {"key": name * 8, "model_path": f"finetune/{name * 8}/pretrained.keras", "accuracy": accuracy,
             "n": 1000, "data_fingerprint": "fp", "evaluate_key": f"eval-{name}"}
 
 
@@ -48,9 +48,9 @@ def store_model(root: Path, name: str) -> Path:
     """A model file inside a finetune artifact with its manifest, as the store publishes it."""
     directory = Path(root) / "finetune" / (name * 8)
     directory.mkdir(parents=True)
-    (directory / "finetuned.keras").write_bytes(f"model {name}".encode())
+    (directory / "pretrained.keras").write_bytes(f"model {name}".encode())
     write_manifest(directory, key=directory.name)
-    return directory / "finetuned.keras"
+    return directory / "pretrained.keras"
 
 
 @pytest.mark.parametrize(("b", "c", "expected"), [
@@ -88,7 +88,7 @@ def test_first_model_is_promoted(store_root):
     assert reg.champion()["metrics"] == {"accuracy": 0.95, "n": 1000}
     assert reg.champion()["by"] == "run-1"
     on_disk = json.loads((store_root / "registry" / "mnist.json").read_text())
-    assert on_disk["champion"]["key"] == "a" * 8 and len(on_disk["history"]) == 1
+    assert on_disk["champion"]["key"] == "a" * 8 and len(on_disk["events"]) == 1
 
 
 def test_worse_challenger_is_not_promoted():
@@ -114,7 +114,7 @@ def test_clearly_better_challenger_is_promoted():
     decision = rule(champion, challenger)
     assert decision.promote
     assert decision.p_value < 1e-6
-    assert decision.reason.startswith("challenger 96.00% vs champion 93.20% (+2.80 pts), McNemar exact p=")
+    assert decision.reason.startswith("challenger 96.00 % vs champion 93.20 % (+2.80 pts), McNemar exact p=")
     assert decision.reason.endswith("< 0.05: promoted")
 
 
@@ -161,7 +161,7 @@ def test_manual_promote_and_rollback_are_recorded(store_root):
     assert reg.rollback(by="bob")["key"] == "a" * 8
     assert reg.champion()["by"] == "bob" and "rollback from bbbbbbbb" in reg.champion()["reason"]
     assert [e["event"] for e in reg.events()] == ["promote", "promote", "manual", "rollback", "rollback"]
-    assert reg.champion_model() == Path(store_root).resolve() / "finetune" / ("a" * 8) / "finetuned.keras"
+    assert reg.champion_model() == Path(store_root).resolve() / "finetune" / ("a" * 8) / "pretrained.keras"
 
 
 def test_manual_promote_of_an_evaluated_model_by_key_alone(store_root):
@@ -243,7 +243,7 @@ def test_first_model_no_better_than_its_softmax_baseline_is_refused():
     assert (challenger.mean(), baseline.mean()) == (0.0925, 0.0915)
     decision = decide(None, challenger, CFG, True, baseline_correct=baseline)
     assert not decision.promote and decision.baseline_accuracy == 0.0915
-    assert decision.reason == ("challenger 9.25% is not significantly better than its run's softmax baseline 9.15% "
+    assert decision.reason == ("challenger 9.25 % is not significantly better than its run's softmax baseline 9.15 % "
                                f"(McNemar exact p={mcnemar_exact(40, 42):.3g}): not promoted")
 
 
@@ -251,14 +251,14 @@ def test_challenger_below_its_baseline_is_refused_even_against_a_weak_champion()
     baseline, challenger = paired(1000, 50, 10, 800)
     champion = np.zeros(1000, bool)
     decision = decide(champion, challenger, CFG, True, baseline_correct=baseline)
-    assert not decision.promote and "does not beat its run's softmax baseline 85.00%" in decision.reason
+    assert not decision.promote and "does not beat its run's softmax baseline 85.00 %" in decision.reason
 
 
 def test_minimum_accuracy_applies_to_the_first_model():
     challenger = np.zeros(1000, bool)
     challenger[:400] = True
     decision = decide(None, challenger, CFG, True, baseline_correct=np.zeros(1000, bool))
-    assert not decision.promote and "below the minimum accuracy 50.00% (promote.min_accuracy)" in decision.reason
+    assert not decision.promote and "below the minimum accuracy 50.00 % (promote.min_accuracy)" in decision.reason
     assert decide(None, challenger, PromoteConfig(min_accuracy=0.4), True,
                   baseline_correct=np.zeros(1000, bool)).promote
 
@@ -303,8 +303,8 @@ def test_a_damaged_champion_model_is_never_handed_out(store_root, damage):
 CORRUPT = {
     "truncated": '{"champion": null, "hist',
     "empty object": "{}",
-    "champion not an object": '{"champion": 5, "history": []}',
-    "event without candidate": '{"champion": null, "history": [{"event": "promote"}]}',
+    "champion not an object": '{"champion": 5, "events": []}',
+    "event without candidate": '{"champion": null, "events": [{"event": "promote"}]}',
     "not text": "\udcff",
 }
 

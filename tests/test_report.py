@@ -57,7 +57,7 @@ def _pretrain_dir(root: Path, epochs: int = 36, factor: float = 1.1) -> Path:
     rows = [{"epoch": e, "loss_last_batch": factor * nb, "loss_mean": factor * nb * 1.05,
              "val_loss": None if e % 2 else factor * nb, "seconds": 1.0}
             for e, nb in enumerate(report.NOTEBOOK_PRETRAIN_LOSS[:epochs], 1)]
-    _write_json(root / "pretrain" / "history.json", rows)
+    _write_json(root / "pretrain" / "training_log.json", rows)
     _reconstruction_png(root / "pretrain" / "reconstruction.png")
     return root / "pretrain"
 
@@ -72,7 +72,7 @@ def _validate_dir(root: Path) -> Path:
     return directory
 
 
-def _classifier_history(epochs: int, with_validation: bool = True) -> list[dict]:
+def _classifier_training_log(epochs: int, with_validation: bool = True) -> list[dict]:
     rows = []
     for e in range(1, epochs + 1):
         row = {"epoch": e, "loss": 1.0 / e, "accuracy": 0.9 + 0.01 * e}
@@ -83,12 +83,12 @@ def _classifier_history(epochs: int, with_validation: bool = True) -> list[dict]
 
 
 def _inputs(root: Path, wrong: dict[str, int]) -> dict[str, Path]:
-    _write_json(root / "finetune" / "history.json", _classifier_history(5))
+    _write_json(root / "finetune" / "pretrained_training_log.json", _classifier_training_log(5))
     # The training stages write loss_mean where an older layout had loss; the report reads either.
-    _write_json(root / "finetune" / "probe_history.json",
-                [{**r, "loss_mean": r.pop("loss")} for r in _classifier_history(3)])
-    _write_json(root / "baselines" / "softmax_history.json", _classifier_history(4))
-    _write_json(root / "baselines" / "ann_history.json", _classifier_history(4))
+    _write_json(root / "finetune" / "probe_training_log.json",
+                [{**r, "loss_mean": r.pop("loss")} for r in _classifier_training_log(3)])
+    _write_json(root / "baselines" / "softmax_training_log.json", _classifier_training_log(4))
+    _write_json(root / "baselines" / "ann_training_log.json", _classifier_training_log(4))
     _write_json(root / "evaluate" / METRICS_FILE, _metrics(wrong))
     return {"validate": _validate_dir(root), "pretrain": _pretrain_dir(root), "finetune": root / "finetune",
             "baselines": root / "baselines", "evaluate": root / "evaluate"}
@@ -144,7 +144,7 @@ def test_full_report(tmp_path):
            "data_docs/index.html)" in md
     assert "fp0123456789abcd" in md and "| pretrain | bbbbbbbbbbbb | c0de0002 |" in md
     assert '"profile": "seed"' in md
-    assert "fine-tuned: 5 epochs, final validation accuracy 94.00 %" in md
+    assert "pretrained: 5 epochs, final validation accuracy 94.00 %" in md
     assert "## Best model: pretrained" in md
 
     figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
@@ -214,9 +214,9 @@ def test_pretrain_only_report(tmp_path):
 def test_missing_optional_files_and_keys(tmp_path):
     root = tmp_path / "in"
     inputs = _inputs(root, {"softmax": 800, "ann": 500, "pretrained": 300})
-    (root / "finetune" / "probe_history.json").unlink()
+    (root / "finetune" / "probe_training_log.json").unlink()
     (root / "pretrain" / "reconstruction.png").unlink()
-    _write_json(root / "baselines" / "ann_history.json", _classifier_history(2, with_validation=False))
+    _write_json(root / "baselines" / "ann_training_log.json", _classifier_training_log(2, with_validation=False))
     _write_json(inputs["validate"] / "manifest.json", {"stage": "validate"})
     out = tmp_path / "out"
     out.mkdir()

@@ -33,7 +33,7 @@ def test_append_read_round_trip(store_root):
     written = [run_log.append(store_root, run_record(i)) for i in range(3)]
     assert run_log.read(store_root) == written
     assert written[0]["at"].endswith("+00:00")
-    assert (store_root / "history" / "runs.jsonl").read_text().count("\n") == 3
+    assert (store_root / "run_log.jsonl").read_text().count("\n") == 3
 
 
 def test_read_of_missing_run_log_is_empty(store_root):
@@ -42,7 +42,7 @@ def test_read_of_missing_run_log_is_empty(store_root):
 
 def test_torn_last_line_is_skipped_with_a_warning(store_root, caplog):
     run_log.append(store_root, run_record(0))
-    path = store_root / "history" / "runs.jsonl"
+    path = store_root / "run_log.jsonl"
     with path.open("a") as fh:
         fh.write(json.dumps(run_record(1))[:40])  # a writer killed mid-line
     with caplog.at_level(logging.WARNING, logger="tasks.runs.run_log"):
@@ -138,7 +138,7 @@ def test_a_cached_run_is_not_a_new_model():
 
 def test_lines_of_the_wrong_shape_are_skipped_in_one_warning(store_root, caplog):
     run_log.append(store_root, run_record(0))
-    path = store_root / "history" / "runs.jsonl"
+    path = store_root / "run_log.jsonl"
     with path.open("a") as fh:
         fh.write('[1, 2]\n"text"\n{"accuracy": 5}\n{"stages": []}\n\x00\xff garbage\n')
     run_log.append(store_root, run_record(1))
@@ -152,9 +152,9 @@ def test_lines_of_the_wrong_shape_are_skipped_in_one_warning(store_root, caplog)
 
 
 def test_an_unreadable_run_log_is_one_error_naming_it(store_root):
-    path = store_root / "history" / "runs.jsonl"
+    path = store_root / "run_log.jsonl"
     path.mkdir(parents=True)  # a directory where the file should be
     for action in (lambda: run_log.read(store_root), lambda: run_log.append(store_root, run_record(0))):
-        with pytest.raises(run_log.RunLogError, match=f"run history {path} cannot be"):
+        with pytest.raises(run_log.RunLogError, match=f"run log {path} cannot be"):
             action()
     assert path.is_dir() and not any(path.iterdir())

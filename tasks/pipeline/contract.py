@@ -40,8 +40,12 @@ class Contract:
         return (*self.reads.values(), *self.after)
 
     def code_version(self) -> str:
-        """Hash of the source files the stage's output depends on."""
-        digest = hashlib.sha256()
+        """Hash of the source files the stage's output depends on, and of the names of the files it writes.
+
+        The file names count because readers find files by name: renaming one must not leave a stored artifact
+        under the same key without the file its readers now ask for.
+        """
+        digest = hashlib.sha256("\0".join(self.writes).encode())
         for name in self.code:
             spec = importlib.util.find_spec(name)
             if spec is None or spec.origin is None:

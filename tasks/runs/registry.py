@@ -17,7 +17,7 @@ import numpy as np
 from tasks.config import PromoteConfig
 from tasks.document import percent
 from tasks.ml.stats import mcnemar_exact
-from tasks.stages.files import MODEL_FILES
+from tasks.stages.files import MODEL_FILES, OLD_MODEL_FILES
 from tasks.store.artifacts import ABSENT, ArtifactError, Conflict, Store
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 REGISTRY_DIR = "registry"
 MODEL = "pretrained"  # the kind of model a registry holds (tasks.stages.files.MODEL_FILES): the fine-tuned autoencoder
 KEY = re.compile(r"[0-9a-f]+")  # artifact keys are sha256 hex digests
+OLD_EVENTS_KEY = "history"  # what registries written before the rename called their events
 
 
 class RegistryError(RuntimeError):
@@ -64,14 +65,14 @@ def decide(
     baseline = None if baseline_correct is None else _as_bool(baseline_correct, "baseline_correct")
     base = None if baseline is None else float(baseline.mean())
     if not validation_passed:
-        return Decision(False, f"data validation failed: challenger {percent(acc, sep='')} never promoted",
+        return Decision(False, f"data validation failed: challenger {percent(acc)} never promoted",
                         None, acc, None, None, None, base)
     if failed := _gate(challenger, baseline, cfg):
-        return Decision(False, f"challenger {percent(acc, sep='')} {failed}: not promoted", None, acc, None, None, None,
+        return Decision(False, f"challenger {percent(acc)} {failed}: not promoted", None, acc, None, None, None,
                         base)
     if champion_correct is None:
-        return Decision(True, f"first model: challenger {percent(acc, sep='')} beats its run's softmax baseline "
-                        f"{percent(base or 0.0, sep='')}: becomes champion", None, acc, None, None, None, base)
+        return Decision(True, f"first model: challenger {percent(acc)} beats its run's softmax baseline "
+                        f"{percent(base or 0.0)}: becomes champion", None, acc, None, None, None, base)
     champion = _as_bool(champion_correct, "champion_correct")
     if champion.shape != challenger.shape:
         raise ValueError(f"champion and challenger were scored on different test sets "
@@ -82,7 +83,7 @@ def decide(
     p = mcnemar_exact(b, c)
     # (c - b) / n is the accuracy difference without the rounding of two separate means.
     gain = (c - b) / challenger.size
-    head = f"challenger {percent(acc, sep='')} vs champion {percent(champ_acc, sep='')} ({gain * 100:+.2f} pts)"
+    head = f"challenger {percent(acc)} vs champion {percent(champ_acc)} ({gain * 100:+.2f} pts)"
     if gain <= 0 or gain < cfg.min_accuracy_gain - 1e-12:
         needed = f"gain required > 0 and >= {cfg.min_accuracy_gain * 100:.2f} pts"
         promote, reason = False, f"{head}, {needed}: champion kept"
@@ -100,14 +101,14 @@ def _gate(challenger: np.ndarray, baseline: np.ndarray | None, cfg: PromoteConfi
     if baseline.shape != challenger.shape:
         raise ValueError(f"challenger and baseline were scored on different test sets "
                          f"({challenger.size} vs {baseline.size} examples)")
-    base = percent(float(baseline.mean()), sep="")
+    base = percent(float(baseline.mean()))
     b, c = int(np.sum(baseline & ~challenger)), int(np.sum(~baseline & challenger))
     if c <= b:
         return f"does not beat its run's softmax baseline {base}"
     if (p := mcnemar_exact(b, c)) >= cfg.alpha:
         return f"is not significantly better than its run's softmax baseline {base} (McNemar exact p={p:.3g})"
     if challenger.mean() < cfg.min_accuracy:
-        return f"is below the minimum accuracy {percent(cfg.min_accuracy, sep='')} (promote.min_accuracy)"
+        return f"is below the minimum accuracy {percent(cfg.min_accuracy)} (promote.min_accuracy)"
     return None
 
 
@@ -123,7 +124,7 @@ def _now() -> str:
 
 
 class Registry:
-    """`<store root>/registry/<dataset>.json`: a dataset's champion and its append-only events (key `history`).
+    """`<store root>/registry/<dataset>.json`: a dataset's champion and its append-only events (key `events`).
 
     Every change (and every promotion decision, which reads the champion) happens under the store's
     lock for this file and replaces it atomically, so concurrent flow runs never lose each other's events.
@@ -140,7 +141,7 @@ class Registry:
         return self._read()["champion"]
 
     def events(self) -> list[dict[str, Any]]:
-        return self._read()["history"]
+        return self._read()["events"]
 
     def champion_model(self) -> Path | None:
         """Absolute path of the champion's model file, verified against its artifact; None without a champion."""
@@ -165,10 +166,20 @@ class Registry:
         try:
             return self.store.verified(f"{stage}/{key}/{file}")
         except ArtifactError:
+            if old := self._old_model_file(stage, key):
+                return self.store.verified(f"{stage}/{key}/{old}")
             if self.store.problem(stage, key) == ABSENT:  # asked only on failure: verifying once is enough
                 raise ArtifactError(f"{key[:12]} in registry {self.location} names no {stage} artifact in store "
                                     f"{self.store.url}") from None
             raise
+
+    def _old_model_file(self, stage: str, key: str) -> str | None:
+        """The model's file name in an artifact written before model files took their model's name, if it is one."""
+        old = OLD_MODEL_FILES.get(MODEL)
+        try:
+            return old if old in self.store.manifest(stage, key).get("files", {}) else None
+        except (OSError, ValueError):  # absent or unreadable: the caller reports the artifact as it is
+            return None
 
     def judged(self, evaluate_key: str) -> bool:
         """Whether any registry event already concerns the model of this evaluation."""
@@ -189,7 +200,7 @@ class Registry:
         """
         with self.store.lock(self._lock):
             state = self._read()
-            if candidate.get("evaluate_key") and _judged(state["history"], candidate["evaluate_key"]):
+            if candidate.get("evaluate_key") and _judged(state["events"], candidate["evaluate_key"]):
                 return None
             decision = judge(state["champion"])
             if decision is None:
@@ -226,7 +237,7 @@ class Registry:
             state = self._read()
             if state["champion"] is None:
                 raise RegistryError(f"cannot roll back: registry {self.location} has no champion to roll back from")
-            lineage = _lineage(state["history"])
+            lineage = _lineage(state["events"])
             if len(lineage) < 2:
                 status = "no champion" if not lineage else f"only champion {lineage[-1]['key'][:12]}"
                 raise RegistryError(f"cannot roll back: there is no previous champion ({status})")
@@ -234,7 +245,7 @@ class Registry:
             reason = f"rollback from {current['key'][:12]} to {previous['key'][:12]}"
             event = {"event": "rollback", "at": _now(), "by": by, "reason": reason, "candidate": previous}
             state["champion"] = _champion(event)
-            state["history"].append(event)
+            state["events"].append(event)
             self._write(state)
         log.info("registry: %s by %s", reason, by)
         return state["champion"]
@@ -243,7 +254,7 @@ class Registry:
         state = self._read()
         if promote:
             state["champion"] = _champion(event)
-        state["history"].append(event)
+        state["events"].append(event)
         self._write(state)
         log.info("registry: %s %s (%s)", event["event"], event["candidate"]["key"][:12], event["reason"])
         return event
@@ -262,11 +273,13 @@ class Registry:
         except (OSError, UnicodeDecodeError) as exc:
             raise self._corrupt(f"unreadable: {getattr(exc, 'strerror', None) or exc}") from None
         if text is None:
-            return {"champion": None, "history": []}
+            return {"champion": None, "events": []}
         try:
             state = json.loads(text)
         except json.JSONDecodeError as exc:
             raise self._corrupt(f"not valid JSON: {exc}") from None
+        if isinstance(state, dict) and "events" not in state and OLD_EVENTS_KEY in state:
+            state["events"] = state.pop(OLD_EVENTS_KEY)  # written before the rename; the next write migrates it
         if problem := _malformed(state):
             raise self._corrupt(problem)
         return state
@@ -286,13 +299,13 @@ class Registry:
 
 def _malformed(state: Any) -> str | None:
     """What makes a parsed registry document unusable, or None."""
-    if not isinstance(state, dict) or not {"champion", "history"} <= set(state):
-        return "expected an object with 'champion' and 'history'"
-    if not isinstance(state["history"], list):
-        return "'history' is not a list"
-    for number, event in enumerate(state["history"], start=1):
+    if not isinstance(state, dict) or not {"champion", "events"} <= set(state):
+        return "expected an object with 'champion' and 'events'"
+    if not isinstance(state["events"], list):
+        return "'events' is not a list"
+    for number, event in enumerate(state["events"], start=1):
         if not isinstance(event, dict) or not isinstance(event.get("event"), str) or _bad_model(event.get("candidate")):
-            return f"history event {number} lacks an event name or a candidate with key and model_path"
+            return f"event {number} lacks an event name or a candidate with key and model_path"
     if state["champion"] is not None and _bad_model(state["champion"]):
         return "'champion' lacks key or model_path"
     return None

@@ -1,7 +1,8 @@
-"""Run log: one JSON line per flow run in `<store root>/history/runs.jsonl`, and its trend."""
+"""Run log: one JSON line per flow run in `<store root>/run_log.jsonl`, and its trend."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,7 +20,9 @@ from tasks.store.artifacts import ArtifactRef, Conflict, Store, key_of
 
 log = logging.getLogger(__name__)
 
-RUN_LOG_FILE = Path("history") / "runs.jsonl"
+RUN_LOG_FILE = Path("run_log.jsonl")
+OLD_RUN_LOG_FILE = Path("history") / "runs.jsonl"  # where stores kept it before the rename
+LOCK = "run-log"
 TREND_MODEL = "pretrained"
 TREND_WINDOW = 5
 TREND_TOLERANCE = 0.001  # accuracy per run (0.1 pts): below this the slope is run-to-run noise
@@ -51,42 +54,67 @@ def append(root: str | os.PathLike[str], record: dict[str, Any]) -> dict[str, An
     path = run_log_path(root)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with Store(root).lock("history"), path.open("ab+") as fh:
-            # A writer killed mid-line leaves no newline; start a fresh line so only its fragment is lost.
-            fh.seek(0, os.SEEK_END)
-            if fh.tell() > 0:
-                fh.seek(-1, os.SEEK_END)
-                if fh.read(1) != b"\n":
-                    fh.write(b"\n")
-            fh.write(line.encode() + b"\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        with store.lock(LOCK):
+            _migrate(store)
+            _append_line(path, line)
     except OSError as exc:
-        raise RunLogError(f"run history {path} cannot be appended to ({exc.strerror or exc}); "
-                           "it was left as it is: fix or move it aside") from None
+        raise RunLogError(f"run log {path} cannot be appended to ({exc.strerror or exc}); "
+                          "it was left as it is: fix or move it aside") from None
     return record
+
+
+def _append_line(path: Path, line: str) -> None:
+    with path.open("ab+") as fh:
+        # A writer killed mid-line leaves no newline; start a fresh line so only its fragment is lost.
+        fh.seek(0, os.SEEK_END)
+        if fh.tell() > 0:
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) != b"\n":
+                fh.write(b"\n")
+        fh.write(line.encode() + b"\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _migrate(store: Store) -> None:
+    """Move the run log of a store written before the rename to its new place; callers hold the run log lock."""
+    new, old = RUN_LOG_FILE.as_posix(), OLD_RUN_LOG_FILE.as_posix()
+    if store.bucket:
+        if store.read_text(new) is None and (text := store.read_text(old, errors="replace")) is not None:
+            store.write_text(new, text)
+            store.bucket.delete(old)
+        return
+    if (store.root / old).is_file() and not (store.root / new).exists():
+        os.replace(store.root / old, store.root / new)
+        with contextlib.suppress(OSError):
+            (store.root / old).parent.rmdir()  # only if nothing else was kept there
 
 
 def _append_object(store: Store, line: str) -> None:
     """Object stores cannot append: rewrite the object under the run log lock, only over the version read."""
     rel = RUN_LOG_FILE.as_posix()
     try:
-        with store.lock("history"):
+        with store.lock(LOCK):
+            _migrate(store)
             text = store.read_text(rel, errors="replace") or ""
             store.write_text(rel, text + ("\n" if text and not text.endswith("\n") else "") + line + "\n")
     except (OSError, UnicodeDecodeError, Conflict) as exc:
-        raise RunLogError(f"run history {store.location(rel)} cannot be appended to ({exc}); "
+        raise RunLogError(f"run log {store.location(rel)} cannot be appended to ({exc}); "
                            "it was left as it is: fix or move it aside") from None
 
 
 def read(root: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """All run records, oldest first; torn or corrupt lines are skipped with one warning naming them."""
     store = Store(root)
-    path = store.location(RUN_LOG_FILE.as_posix())
+    rel = RUN_LOG_FILE.as_posix()
     try:
-        text = store.read_text(RUN_LOG_FILE.as_posix(), errors="replace")
+        text = store.read_text(rel, errors="replace")
+        if text is None:  # a store written before the rename, until its next run migrates it
+            rel = OLD_RUN_LOG_FILE.as_posix()
+            text = store.read_text(rel, errors="replace")
     except (OSError, UnicodeDecodeError) as exc:
-        raise RunLogError(f"run history {path} cannot be read ({getattr(exc, 'strerror', None) or exc}); "
+        path = store.location(rel)
+        raise RunLogError(f"run log {path} cannot be read ({getattr(exc, 'strerror', None) or exc}); "
                            "it was left as it is: fix or move it aside") from None
     if text is None:
         return []
@@ -103,8 +131,9 @@ def read(root: str | os.PathLike[str]) -> list[dict[str, Any]]:
         else:
             skipped.append(number)
     if skipped:
+        path = store.location(rel)
         shown = ", ".join(map(str, skipped[:10])) + (", ..." if len(skipped) > 10 else "")
-        log.warning("history: skipping %d unreadable line(s) of %s (line %s; a run interrupted while writing?)",
+        log.warning("run log: skipping %d unreadable line(s) of %s (line %s; a run interrupted while writing?)",
                     len(skipped), path, shown)
     return records
 

@@ -23,7 +23,7 @@ def run(cfg: BaselinesConfig, split: SplitSpec, data_dir: Path, out: Path,
     """Train softmax regression and a randomly initialised 784-hidden-10 network with the same settings.
 
     `hidden` and `activation` must be the pretrained model's, so that the ANN differs from it only by the
-    missing pretraining. Writes `softmax.keras`, `ann.keras`, `softmax_history.json`, `ann_history.json` and
+    missing pretraining. Writes `softmax.keras`, `ann.keras`, their training logs `<model>_training_log.json` and
     TensorBoard event files under `tensorboard/`.
     `progress` sees each model's epochs by name, softmax first, then the ANN.
     """

@@ -10,25 +10,22 @@ DOCS_DIR = "data_docs"
 DOCS_INDEX = f"{DOCS_DIR}/index.html"
 # Training stages (pretrain, finetune, baselines, a study cell): per-epoch rows, and the TensorBoard event files,
 # one run directory per model.
-TRAINING_LOG_FILE = "history.json"
+TRAINING_LOG_FILE = "training_log.json"
 TENSORBOARD_DIR = "tensorboard"
 # pretrain
 AUTOENCODER_FILE = "autoencoder.keras"
 RECONSTRUCTION_FILE = "reconstruction.png"
-# Model name -> (stage, file inside that stage's artifact directory); "probe" only with FinetuneConfig.linear_probe.
-MODEL_FILES: dict[str, tuple[str, str]] = {
-    "softmax": ("baselines", "softmax.keras"),
-    "ann": ("baselines", "ann.keras"),
-    "pretrained": ("finetune", "finetuned.keras"),
-    "probe": ("finetune", "probe.keras"),
-}
+# The classifiers by model name (the name every table, curve and registry entry uses) -> the stage that trains
+# it; "probe" only with FinetuneConfig.linear_probe. Each writes `<model>.keras` and `<model>_training_log.json`.
+MODEL_STAGES: dict[str, str] = {"softmax": "baselines", "ann": "baselines", "pretrained": "finetune",
+                                "probe": "finetune"}
+# Model name -> (stage, file inside that stage's artifact directory).
+MODEL_FILES: dict[str, tuple[str, str]] = {model: (stage, f"{model}.keras") for model, stage in MODEL_STAGES.items()}
 # Model name -> (stage, file) of its per-epoch rows.
 TRAINING_LOG_FILES: dict[str, tuple[str, str]] = {
-    "softmax": ("baselines", "softmax_history.json"),
-    "ann": ("baselines", "ann_history.json"),
-    "pretrained": ("finetune", TRAINING_LOG_FILE),
-    "probe": ("finetune", "probe_history.json"),
-}
+    model: (stage, f"{model}_{TRAINING_LOG_FILE}") for model, stage in MODEL_STAGES.items()}
+# Fine-tune artifacts written before the files took their model's name: the registry still finds a champion there.
+OLD_MODEL_FILES: dict[str, str] = {"pretrained": "finetuned.keras"}
 # evaluate
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.npz"

@@ -26,9 +26,9 @@ def run(cfg: FinetuneConfig, split: SplitSpec, data_dir: Path, pretrain_dir: Pat
 
     The notebook minimises the cross-entropy over all variables, so the encoder trains too unless
     `cfg.freeze_encoder`. With `cfg.unlabeled == "vat"` the classifier also learns from the training images
-    without their labels (`tasks.ml.semi_supervised`); the probe stays supervised. Writes `finetuned.keras` and
-    `history.json`; with `cfg.linear_probe` also a frozen-encoder probe, `probe.keras` and `probe_history.json`;
-    TensorBoard event files under `tensorboard/`.
+    without their labels (`tasks.ml.semi_supervised`); the probe stays supervised. Writes `pretrained.keras` and
+    `pretrained_training_log.json`; with `cfg.linear_probe` also a frozen-encoder probe, `probe.keras` and
+    `probe_training_log.json`; TensorBoard event files under `tensorboard/`.
     """
     seed_everything(seed)
     data = load_splits(data_dir, split)

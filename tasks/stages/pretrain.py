@@ -28,7 +28,7 @@ def run(cfg: PretrainConfig, split: SplitSpec, data_dir: Path, out: Path,
     """Train the autoencoder on the training split and write its model, training log and reconstruction figure.
 
     `split` is `DataConfig.split()`; the validation split drives early stopping when it is configured.
-    Writes `autoencoder.keras`, `history.json` (one row per epoch; `loss_last_batch` is what the notebook
+    Writes `autoencoder.keras`, `training_log.json` (one row per epoch; `loss_last_batch` is what the notebook
     printed), `reconstruction.png` (ten test digits above their reconstructions) and the TensorBoard event
     files (`tensorboard/autoencoder/`) into `out`.
     """

@@ -219,7 +219,7 @@ def claim_table(rows: list[dict[str, Any]], level: str) -> Table:
 
 def claim_section(metrics: dict[str, Any]) -> tuple[list[Block], list[dict[str, Any]], bool | None]:
     """The claim table and its verdict."""
-    level = f"{round(100 * metrics.get('confidence', 0.95))} %"
+    level = percent(metrics.get("confidence", 0.95), None)
     rows = claim_rows(metrics)
     held, verdict = judge_claim(rows, level)
     n = metrics.get("n_test")
@@ -279,7 +279,7 @@ def pretrain_section(pretrain_dir: Path, pretrain_cfg: dict[str, Any] | None,
         if comparable and difference is not None:
             blocks.append(_loss_table(training_log))
     else:
-        blocks.append(Paragraph("The pretraining history is missing."))
+        blocks.append(Paragraph("The pretraining training log is missing."))
     figure = pretrain_dir / RECONSTRUCTION_FILE
     if figure.is_file():
         shutil.copyfile(figure, out / figure.name)
@@ -299,9 +299,9 @@ def _notebook_paragraph(cfg: dict[str, Any] | None, comparable: bool, difference
                          "with N(0, 1) init, so its losses are not compared with the notebook's; the notebook's "
                          "log is drawn for orientation only.")
     if difference is None:
-        return Paragraph("The history has no last-mini-batch loss to compare with the notebook's log.")
+        return Paragraph("The training log has no last-mini-batch loss to compare with the notebook's log.")
     text = (f"Same network as the notebook's part 3: the last-mini-batch loss differs from the notebook's "
-            f"printed value by {100 * difference:.1f} % on average (mean relative difference over the "
+            f"printed value by {percent(difference, 1)} on average (mean relative difference over the "
             f"{compared} epochs both logs cover).")
     changed = [f"{k} {cfg.get(k)!r}" for k, v in NOTEBOOK_TRAINING.items() if cfg and cfg.get(k) != v]
     if changed:
@@ -333,7 +333,7 @@ def training_section(title: str, text: str, training_logs: dict[str, list[dict[s
     """Loss and accuracy curves of one training stage, with each saved model's validation accuracy."""
     present = {n: h for n, h in training_logs.items() if h}
     if not present:
-        return [Heading(title), Paragraph("The training history is missing.")]
+        return [Heading(title), Paragraph("The training log is missing.")]
     finals = []
     for name, rows in present.items():
         kept, label = _kept(rows, restored)
@@ -463,7 +463,7 @@ def write_report(cfg: ReportConfig, inputs: dict[str, Path], run_info: dict[str,
     if "finetune" in inputs:
         blocks += training_section(
             "Fine-tuning", "The encoder with a softmax head, trained on the labels.",
-            {"fine-tuned": _training_log(inputs, "pretrained"), "probe": _training_log(inputs, "probe")}, out,
+            {"pretrained": _training_log(inputs, "pretrained"), "probe": _training_log(inputs, "probe")}, out,
             "finetune_curves.png",
             _early_stopped(config, "finetune"))
     if "baselines" in inputs:
