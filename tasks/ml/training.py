@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -18,6 +17,7 @@ from tasks.config import BaselinesConfig, FinetuneConfig, PretrainConfig, TrainC
 from tasks.ml.inputs import steps_per_epoch, training_batches
 from tasks.ml.optimizers import make_optimizer
 from tasks.ml.progress import EpochEnd, Progress
+from tasks.ml.training_log import best_row
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -42,8 +42,8 @@ STEPS_PER_EXECUTION = 32
 
 
 # The modules whose code every training stage's result depends on (part of their artifacts' keys).
-TRAINING_CODE = ("tasks.ml.networks", "tasks.ml.optimizers", "tasks.ml.training", "tasks.ml.saved", "tasks.ml.inputs",
-                 "tasks.data.splits")
+TRAINING_CODE = ("tasks.ml.networks", "tasks.ml.optimizers", "tasks.ml.training", "tasks.ml.training_log",
+                 "tasks.ml.saved", "tasks.ml.inputs", "tasks.data.splits")
 
 
 EVALUATION_BATCH = 2048  # images per step of the validation pass after each epoch: fewer, larger matmuls
@@ -217,16 +217,3 @@ def summarize(rows: list[dict[str, Any]], seconds: float, restored: bool) -> dic
         summary["best_epoch"] = kept["epoch"]
         summary["best_val_loss"] = kept["val_loss"]
     return summary
-
-
-def best_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The epoch of the lowest validation loss, whose weights EarlyStopping restores at the end of training."""
-    return min(rows, key=lambda r: r["val_loss"] if r.get("val_loss") is not None and math.isfinite(r["val_loss"])
-               else math.inf)
-
-
-def write_training_log(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Write a training log (per-epoch rows) as a JSON list."""
-    # Written inside the store's staging directory, which is published atomically and fsynced as a whole.
-    path.write_text(json.dumps(rows, indent=2, sort_keys=True, default=str))
-    return path

@@ -10,7 +10,8 @@ from tasks.config import BaselinesConfig, SplitSpec
 from tasks.data.splits import load_splits
 from tasks.ml.networks import build_ann, build_softmax_regression
 from tasks.ml.progress import Progress
-from tasks.ml.training import TRAINING_CODE, fit, seed_everything, write_training_log
+from tasks.ml.training import TRAINING_CODE, fit, seed_everything
+from tasks.ml.training_log import write_training_log
 from tasks.pipeline.contract import Contract
 from tasks.stages.files import MODEL_FILES, TENSORBOARD_DIR, TRAINING_LOG_FILES
 

@@ -12,7 +12,8 @@ from tasks.ml.networks import build_classifier, extract_encoder
 from tasks.ml.progress import Progress
 from tasks.ml.saved import load_autoencoder
 from tasks.ml.semi_supervised import fit_semi_supervised
-from tasks.ml.training import TRAINING_CODE, fit, seed_everything, write_training_log
+from tasks.ml.training import TRAINING_CODE, fit, seed_everything
+from tasks.ml.training_log import write_training_log
 from tasks.pipeline.contract import Contract
 from tasks.stages.files import MODEL_FILES, TENSORBOARD_DIR, TRAINING_LOG_FILES
 

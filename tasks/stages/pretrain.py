@@ -14,7 +14,8 @@ from tasks.config import PretrainConfig, SplitSpec
 from tasks.data.splits import load_splits
 from tasks.ml.networks import build_autoencoder
 from tasks.ml.progress import Progress
-from tasks.ml.training import TRAINING_CODE, fit, seed_everything, write_training_log
+from tasks.ml.training import TRAINING_CODE, fit, seed_everything
+from tasks.ml.training_log import write_training_log
 from tasks.pipeline.contract import Contract
 from tasks.stages.files import AUTOENCODER_FILE, RECONSTRUCTION_FILE, TENSORBOARD_DIR, TRAINING_LOG_FILE
 

@@ -29,7 +29,7 @@ from tasks.document import (
     render,
 )
 from tasks.ml.stats import ordered
-from tasks.ml.training import best_row
+from tasks.ml.training_log import best_row
 from tasks.pipeline.contract import Contract
 from tasks.stages.files import (
     ACCURACY_FILE,

@@ -26,7 +26,8 @@ from tasks.ml.inference import probabilities
 from tasks.ml.networks import build_ann, build_classifier, build_softmax_regression, extract_encoder
 from tasks.ml.saved import load_autoencoder
 from tasks.ml.semi_supervised import fit_semi_supervised
-from tasks.ml.training import TRAINING_CODE, fit, seed_everything, write_training_log
+from tasks.ml.training import TRAINING_CODE, fit, seed_everything
+from tasks.ml.training_log import write_training_log
 from tasks.pipeline.contract import Contract
 from tasks.stages.files import CELL_MODEL_FILE, CELL_PREDICTIONS_FILE, CELL_RESULT_FILE, TRAINING_LOG_FILE
 
