@@ -580,7 +580,7 @@ def test_a_chance_level_first_model_is_not_promoted(first, store, tmp_path, caps
     assert "softmax baseline" in decision["reason"] and decision["reason"].endswith(": not promoted")
     html = Path(report.removeprefix("report: ")).read_text()
     assert "This run&#x27;s model was not promoted" in html or "This run's model was not promoted" in html
-    assert f"{decision['baseline_accuracy'] * 100:.2f}%" in html
+    assert f"{decision['baseline_accuracy'] * 100:.2f} %" in html
 
 
 def test_a_finite_chance_level_model_is_refused_by_the_quality_gate(first, store, tmp_path, capsys):
