@@ -200,7 +200,7 @@ def _record_many(root: str, worker: int, count: int) -> None:
         reg.record_decision(candidate(f"{worker}-{i}-"), lambda _, d=decision: d, f"w{worker}")
 
 
-def test_concurrent_writers_lose_no_history_record(store_root):
+def test_concurrent_writers_lose_no_registry_event(store_root):
     Registry(store_root).record_decision(candidate("a"), lambda _: first_model(), "seed")
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_record_many, args=(str(store_root), w, 10)) for w in range(4)]
@@ -209,9 +209,9 @@ def test_concurrent_writers_lose_no_history_record(store_root):
     for p in procs:
         p.join(timeout=120)
     assert all(p.exitcode == 0 for p in procs)
-    history = Registry(store_root).events()
-    assert len(history) == 41
-    by_worker = {k: len(list(g)) for k, g in itertools.groupby(sorted(e["by"] for e in history[1:]))}
+    events = Registry(store_root).events()
+    assert len(events) == 41
+    by_worker = {k: len(list(g)) for k, g in itertools.groupby(sorted(e["by"] for e in events[1:]))}
     assert by_worker == {"w0": 10, "w1": 10, "w2": 10, "w3": 10}
 
 

@@ -36,8 +36,8 @@ def metrics(result: dict) -> dict:
     """Everything a run measured: the evaluation's metrics file and every training stage's training log."""
     stages = result["stages"]
     found = {"metrics": json.loads((Path(stages["evaluate"]["path"]) / "metrics.json").read_text())}
-    for stage in ("pretrain", "finetune"):
-        found[stage] = json.loads((Path(stages[stage]["path"]) / "history.json").read_text())
+    for stage, file in (("pretrain", "training_log.json"), ("finetune", "pretrained_training_log.json")):
+        found[stage] = json.loads((Path(stages[stage]["path"]) / file).read_text())
     for row in (r for stage in ("pretrain", "finetune") for r in found[stage]):
         row.pop("seconds")
     return found

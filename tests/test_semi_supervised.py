@@ -73,6 +73,7 @@ def test_the_finetune_stage_trains_semi_supervised_on_request(clean, autoencoder
     (tmp_path / "ft").mkdir()
     summary = finetune.run(cfg.finetune, SPLIT, data, autoencoder, tmp_path / "ft")
     assert summary["unlabeled"] == "vat" and summary["epochs_run"] == 1 and summary["val_accuracy"] > 0.3
-    assert {p.name for p in (tmp_path / "ft").iterdir()} == {"finetuned.keras", "history.json", "tensorboard"}
+    assert {p.name for p in (tmp_path / "ft").iterdir()} == {"pretrained.keras", "pretrained_training_log.json",
+                                                             "tensorboard"}
     with pytest.raises(ConfigError, match=r"finetune\.unlabeled: .*'vat'"):
         load_config("quick", {"finetune.unlabeled": "pseudo-labels"})

@@ -171,7 +171,7 @@ def run(cfg: Cell, split: SplitSpec, hidden: tuple[int, ...], activation: str, d
         pretrain_dir: Path | None = None) -> dict[str, Any]:
     """Train one cell on its labeled subset and score it on the test split.
 
-    Writes `model.keras`, `history.json`, `predictions.npy` (the predicted class of every test image, for
+    Writes `model.keras`, `training_log.json`, `predictions.npy` (the predicted class of every test image, for
     paired tests between models) and `cell.json` (the subset's class counts, the schedule, the test accuracy).
     """
     data = load_splits(data_dir, split)
