@@ -48,7 +48,7 @@ def store(tmp_path_factory) -> Path:
 
 
 def run(store: Path, profile: str = "quick", **params) -> dict:
-    """A run on the sequential runner; tests/test_runners.py runs the same flow on Dask clusters."""
+    """A run on the sequential runner; tests/flows/test_runners.py runs the same flow on Dask clusters."""
     return pipeline(profile=profile, store=str(store), runner="sequential", **params)
 
 

@@ -48,7 +48,7 @@ from rich.console import Console
 
 from tasks.config import check_study, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PREFECT_YAML = ROOT / "prefect.yaml"
 PREFECT = Path(sys.executable).with_name("prefect")
 FLOW_NAME = "mnist-ae-pipeline"

@@ -21,8 +21,8 @@ from PIL import Image
 from tasks.runs import run_log
 from tasks.runs.registry import Registry
 
-ROOT = Path(__file__).resolve().parents[1]
-OLD_STORE = Path(__file__).with_name("fixtures") / "store-before-renames"
+ROOT = Path(__file__).resolve().parents[2]
+OLD_STORE = ROOT / "tests" / "fixtures" / "store-before-renames"
 
 
 def mnist_ae(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -17,7 +17,7 @@ import pytest
 
 from tasks.store.artifacts import Store, key_of
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _on_small_disk(tmp_path: Path, size: str, case: str, env: dict[str, str] | None = None) -> tuple[dict, str]:

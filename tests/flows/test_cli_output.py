@@ -15,7 +15,7 @@ import pytest
 
 from flows.tf_logs import LOG_LINE
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MNIST_AE = Path(sys.executable).with_name("mnist-ae")  # the console script, as the user runs it
 
 
