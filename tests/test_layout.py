@@ -104,3 +104,12 @@ def test_lower_packages_import_only_what_lies_below_them():
             if bad := sorted(d for d in deps - SHARED if ".".join(d.split(".")[:2]) not in allowed):
                 wrong[module] = bad
     assert wrong == {}
+
+
+def test_tests_are_laid_out_as_the_code_is():
+    """tests/flows/ holds the flows' and command line's tests, tests/tasks/<package>/ each package's."""
+    misplaced = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "tests").rglob("test_*.py"))
+                 if p.parent != ROOT / "tests"  # this file: the whole tree's
+                 and not (ROOT / p.parent.relative_to(ROOT / "tests")).is_dir()]
+    loose = [p.name for p in (ROOT / "tests").glob("test_*.py") if p.name != Path(__file__).name]
+    assert misplaced == [] and loose == []
