@@ -137,9 +137,11 @@ class VatConfig(_Section):
     epsilon: PositiveFloat = Field(default=2.0, description=(
         "L2 length of the adversarial perturbation of an image (pixels in [0, 1]; an image's own length is about 9)."))
     weight: NonNegativeFloat = Field(default=1.0, description="The VAT loss's weight beside the cross-entropy.")
-    entropy_weight: NonNegativeFloat = Field(default=1.0, description=(
+    entropy_weight: NonNegativeFloat = Field(default=0.3, description=(
         "Weight of the unlabeled predictions' entropy, which pushes class boundaries away from the images."))
     batch_size: PositiveInt = Field(default=128, description="Unlabeled images per optimizer step.")
+    ramp_up: NonNegativeInt = Field(default=300, description=(
+        "Optimizer steps over which the unlabeled losses' weights grow linearly from 0 to their values."))
 
 
 class FinetuneConfig(TrainConfig):

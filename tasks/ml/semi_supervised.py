@@ -3,9 +3,9 @@
 The method is virtual adversarial training (Miyato et al. 2018) with entropy minimisation: on each batch of
 unlabeled images the classifier's prediction is made smooth in the direction of input space that changes it most
 (one power iteration finds that direction), and confident. Both terms need no label, so every training image
-counts, while the cross-entropy sees only the labeled ones. The random start of each power iteration is a
-stateless draw keyed on (seed, optimizer step), like the input pipeline's noise, so a seeded training reproduces
-itself exactly.
+counts, while the cross-entropy sees only the labeled ones; their weights ramp up from 0 over the first steps.
+The random start of each power iteration is a stateless draw keyed on (seed, optimizer step), like the input
+pipeline's noise, so a seeded training reproduces itself exactly.
 """
 
 from __future__ import annotations
@@ -80,14 +80,18 @@ class SemiSupervised(keras.Model):
         # The prediction on the unlabeled images is the target the perturbed one must match, not a thing to move.
         clean = tf.stop_gradient(self.logits(x_unlabeled))
         r_adv = self.vat.epsilon * self.adversarial_direction(x_unlabeled, clean, self.optimizer.iterations)
+        # The unlabeled losses' weights grow linearly from 0: the labels shape the classes first, so that the
+        # entropy term does not fix the clusters of an untrained network.
+        scale = (tf.minimum(1.0, tf.cast(self.optimizer.iterations, tf.float32) / self.vat.ramp_up)
+                 if self.vat.ramp_up else 1.0)
         with tf.GradientTape() as tape:
             y_pred = self.classifier(x_labeled, training=True)
             loss = self._compute_loss(x=x_labeled, y=y, y_pred=y_pred, training=True)
-            loss += self.vat.weight * _kl(clean, self.logits(x_unlabeled + r_adv))
+            loss += scale * self.vat.weight * _kl(clean, self.logits(x_unlabeled + r_adv))
             if self.vat.entropy_weight:
                 logits = self.logits(x_unlabeled)
                 entropy = -tf.reduce_mean(tf.reduce_sum(tf.nn.softmax(logits) * tf.nn.log_softmax(logits), axis=1))
-                loss += self.vat.entropy_weight * entropy
+                loss += scale * self.vat.entropy_weight * entropy
             self._loss_tracker.update_state(loss, sample_weight=tf.shape(x_labeled)[0])
         weights = self.trainable_weights
         self.optimizer.apply_gradients(zip(tape.gradient(loss, weights), weights, strict=True))
@@ -109,7 +113,11 @@ def semi_supervised_batches(x: np.ndarray, y: np.ndarray, unlabeled: np.ndarray,
     labeled = training_batches(x, y, cfg.batch_size, seed, shift=cfg.shift)
     # An autoencoder's batches without noise: (image, the same image); one of the pair is enough.
     images = training_batches(unlabeled, None, vat.batch_size, seed + UNLABELED_STREAM, shift=cfg.shift)
-    return tf.data.Dataset.zip(labeled, images).map(lambda pair, image: ((pair[0], image[0]), pair[1]))
+
+    def arrange(pair: tuple[tf.Tensor, tf.Tensor], image: tuple[tf.Tensor, tf.Tensor]) -> Any:
+        return (pair[0], image[0]), pair[1]
+
+    return tf.data.Dataset.zip(labeled, images).map(arrange)
 
 
 def fit_semi_supervised(classifier: keras.Model, x: np.ndarray, y: np.ndarray, unlabeled: np.ndarray,
