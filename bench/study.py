@@ -23,6 +23,9 @@ from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
 
+from tasks.document import percent
+from tasks.study.report import recipe_counts
+
 CLI = Path(sys.executable).with_name("mnist-ae")
 
 
@@ -50,7 +53,7 @@ def timed_study(profile: str, runner: str, overrides: list[str]) -> dict:
         cell_seconds: dict[str, float] = defaultdict(float)
         for manifest in manifests(store, "study-cell"):
             cell_seconds[manifest["summary"]["model"]] += manifest["duration_s"]
-        return {"runner": runner, "wall_s": wall, "cpu_percent": 100 * cpu / wall,
+        return {"runner": runner, "wall_s": wall, "cpu_s": cpu, "cpu_percent": 100 * cpu / wall,
                 "load": [load_before, os.getloadavg()[0]],
                 "stages": {s: manifests(store, s)[0]["duration_s"] for s in ("download", "validate", "pretrain")},
                 "cells": len(manifests(store, "study-cell")), "cell_seconds": dict(cell_seconds),
@@ -69,7 +72,8 @@ def to_markdown(profile: str, overrides: list[str], runs: list[dict]) -> str:
              "every cell and the report.", "",
              "| | " + " | ".join(r["runner"] for r in runs) + " |", "|---|" + "---|" * len(runs),
              "| whole study, wall time | " + " | ".join(f"{r['wall_s']:.0f} s" for r in runs) + " |",
-             "| CPU use (of one core) | " + " | ".join(f"{r['cpu_percent']:.0f} %" for r in runs) + " |",
+             "| CPU time (user + system) | " + " | ".join(f"{r['cpu_s']:.0f} s" for r in runs) + " |",
+             "| CPU use (of one core) | " + " | ".join(percent(r["cpu_percent"] / 100, 0) for r in runs) + " |",
              "| load average (1 min) before / after | " + " | ".join(
                  f"{r['load'][0]:.1f} / {r['load'][1]:.1f}" for r in runs) + " |",
              "| cells | " + " | ".join(str(r["cells"]) for r in runs) + " |"]
@@ -85,11 +89,13 @@ def to_markdown(profile: str, overrides: list[str], runs: list[dict]) -> str:
                   f"**{runs[1]['wall_s'] / first['wall_s']:.2f}x**. Accuracies identical across runners: "
                   f"{all(r['results']['accuracy'] == first['results']['accuracy'] for r in runs)}."]
     lines += ["", "## Test accuracy, mean over seeds (95 % interval)", "",
-              "| labels | model | mean | 95 % interval | per seed |", "|---|---|---|---|---|"]
+              "| labels | model | mean | 95 % interval | per seed | recipe chosen (seeds) |",
+              "|---|---|---|---|---|---|"]
     for row in first["results"]["accuracy"]:
-        interval = "" if row["low"] is None else f"{row['low']:.2%} to {row['high']:.2%}"
-        seeds = ", ".join(f"{a:.2%}" for a in row["seeds"].values())
-        lines.append(f"| {row['budget']:,} | {row['model']} | {row['mean']:.2%} | {interval} | {seeds} |")
+        interval = "" if row["low"] is None else f"{percent(row['low'])} to {percent(row['high'])}"
+        seeds = ", ".join(percent(a) for a in row["seeds"].values())
+        lines.append(f"| {row['budget']:,} | {row['model']} | {percent(row['mean'])} | {interval} | {seeds} | "
+                     f"{recipe_counts(row.get('recipes', {}))} |")
     lines += ["", "## Verdicts", ""] + [f"- {v['sentence']}" for v in first["results"]["verdicts"]]
     spread = statistics.median(r["load"][0] for r in runs)
     lines += ["", f"Median load average at the start: {spread:.1f} on {os.cpu_count()} cores "

@@ -16,11 +16,12 @@ from flows.runners import Runner, running_on, task_runner
 from flows.stages import PipelineRun, download, pretrain, validate
 from tasks.config import PipelineConfig, SplitSpec, Stage, StudyConfig, check_study, load_config
 from tasks.data.splits import load_splits
-from tasks.document import BLOCKS_FILE, Image, load_blocks, to_markdown
+from tasks.document import BLOCKS_FILE, Image, load_blocks, percent, to_markdown
 from tasks.pipeline import graph
 from tasks.store.artifacts import ArtifactRef, Store, key_of
 from tasks.study import cells as study
 from tasks.study import report as study_report
+from tasks.study import selection
 
 STUDY_ARTIFACT = "mnist-ae-study"
 STUDY_TABLE_ARTIFACT = "mnist-ae-study-accuracy"
@@ -63,18 +64,27 @@ def study_report_task(cfg: StudyConfig, cells: list[ArtifactRef], data: Artifact
 def protocol(config: PipelineConfig, autoencoder: ArtifactRef) -> list[str]:
     """What every cell did, in words, for the report."""
     s = config.study
+    large = [b for b in s.budgets if b >= s.large_from]
+    grids = "; ".join(f"{m}: {', '.join(selection.describe(r) for r in selection.recipes(g))}"
+                      for m, g in s.search.items() if m in s.models) or "none"
     return [
         f"Label budgets {', '.join(f'{b:,}' for b in s.budgets)} of the {config.training_images():,} training "
-        f"images; seeds 0 to {s.seeds - 1}. Each seed draws class-balanced subsets (one label per class in turn), "
-        "nested across budgets.",
+        f"images; seeds 0 to {s.seeds - 1}"
+        + (f" (0 to {min(s.seeds, s.large_seeds) - 1} from {s.large_from:,} labels on)" if large else "")
+        + ". Each seed draws class-balanced subsets (one label per class in turn), nested across budgets.",
         f"Pretraining: the pipeline's own artifact (pretrain {autoencoder.key[:12]}), trained on all training "
         "images without their labels.",
-        f"Every cell trains with {s.optimizer} at learning rate {s.learning_rate:g}, batch min({s.batch_size}, "
-        f"budget), for max({s.min_steps}, {s.epochs} x ceil(budget / batch)) optimizer steps (rounded up to whole "
-        "passes over the subset), fixed in advance: no early stopping, and neither the "
+        f"Every model chooses its recipe from its grid ({grids}) by the mean accuracy on the held-out parts of "
+        f"{s.folds} class-stratified folds of the budget's own labels"
+        + (f" ({percent(s.holdout, 0)} of the budget held out once from {s.large_from:,} labels on)" if large else "")
+        + ", then trains with it on all of the budget's labels. Neither the "
         f"{config.data.validation_size:,} validation images nor the test labels are used for any choice.",
+        f"Unless a recipe says otherwise, a cell trains with {s.optimizer} at learning rate {s.learning_rate:g}, a "
+        f"zero-initialised softmax head, batch min({s.batch_size}, budget), for max({s.min_steps}, {s.epochs} x "
+        "ceil(budget / batch)) optimizer steps (rounded up to whole passes over the subset): no early stopping.",
         "The ANN has the pretrained encoder's shape and starts from a random initialisation; softmax regression "
-        "reads the pixels. All models are scored on the same test images.",
+        "reads the pixels. All models are scored on the same test images. A verdict says \"sure\" only when both "
+        "the test set's McNemar test and the interval of the paired per-seed differences exclude no difference.",
     ]
 
 

@@ -30,6 +30,10 @@ Schedule = Literal["constant", "cosine"]
 DatasetName = Literal["mnist", "fashion-mnist"]
 StudyModel = Literal["pretrained", "ann", "softmax", "semi-pretrained", "semi-scratch"]
 Unlabeled = Literal["none", "vat"]
+HeadInit = Literal["zeros", "glorot_uniform"]
+# How a pretrained encoder is fine-tuned: all layers at once; the head alone for the first half of the steps, then
+# everything; or all at once with the encoder's layers at a tenth of the learning rate.
+Tuning = Literal["joint", "head_first", "slow_encoder"]
 
 MIRROR_ENV = "MNIST_MIRROR"
 OFFLINE_ENV = "MNIST_AE_OFFLINE"
@@ -183,23 +187,54 @@ class SemiStudyConfig(_Section):
     vat: VatConfig = VatConfig()
 
 
-class StudyConfig(_Section):
-    """The label-efficiency study: label budgets, seeds, models, and the schedule fixed before any training.
+class RecipeGrid(_Section):
+    """The values a study model may choose from, per setting; the recipes are every combination of them.
 
-    Every cell trains for `max(min_steps, epochs * ceil(budget / batch))` optimizer steps, a number set by the
-    budget alone: no early stopping, and nothing chosen on the validation or test labels.
+    An empty setting keeps the study's own value. Each field names a setting of a study cell, so a recipe is a
+    small set of named overrides of the cell.
+    """
+
+    learning_rate: tuple[PositiveFloat, ...] = ()
+    head: tuple[HeadInit, ...] = Field(default=(), description="Initialisation of the softmax head.")
+    step_scale: tuple[PositiveFloat, ...] = Field(default=(), description="Multiple of the budget's step count.")
+    tuning: tuple[Tuning, ...] = Field(default=(), description="How the pretrained encoder is fine-tuned.")
+
+
+# Softmax regression, convex and started from zero, trains with the study's own settings: its selection would
+# cost as much as the ANN's, and no verdict rests on it.
+_DEFAULT_SEARCH: dict[StudyModel, RecipeGrid] = {
+    "pretrained": RecipeGrid(tuning=("joint", "head_first", "slow_encoder")),
+    "ann": RecipeGrid(head=("zeros", "glorot_uniform")),
+}
+
+
+class StudyConfig(_Section):
+    """The label-efficiency study: label budgets, seeds, models, their recipe grids and the schedule rule.
+
+    Every cell trains for `max(min_steps, epochs * ceil(budget / batch))` optimizer steps (times a recipe's step
+    scale), a number set by the budget alone: no early stopping. Each model's recipe is chosen from its grid in
+    `search` by cross-validation on the budget's own labels; nothing is chosen on the validation or test labels.
     """
 
     budgets: tuple[PositiveInt, ...] = Field(
-        default=(100, 300, 1000, 3000, 10000, 55000), min_length=1,
-        description="Labeled training images per cell; the training split's size means all of its labels.")
-    seeds: PositiveInt = Field(default=3, description="Seeds 0..seeds-1: each draws its own labeled subsets.")
+        default=(100, 300, 1000, 3000, 10000), min_length=1,
+        description="Labeled training images per cell; the training split's size means all of its labels (the "
+                    "pipeline's own run compares the models on all labels).")
+    seeds: PositiveInt = Field(default=5, description="Seeds 0..seeds-1: each draws its own labeled subsets.")
+    large_from: PositiveInt = Field(default=3000, description=(
+        "From this budget on, a recipe is chosen on a held-out share of the budget instead of k folds, and only "
+        "large_seeds seeds are trained (each costs more there, and seeds vary less)."))
+    large_seeds: PositiveInt = Field(default=3, description="Seeds at budgets from large_from on (at most seeds).")
     models: tuple[StudyModel, ...] = Field(default=("pretrained", "ann", "softmax"), min_length=1)
+    search: dict[StudyModel, RecipeGrid] = Field(default=_DEFAULT_SEARCH, description=(
+        "Each model's recipe grid; a model without one trains with the study's own settings, unselected."))
+    folds: int = Field(default=3, ge=2, description="Folds of the cross-validation below large_from.")
+    holdout: float = Field(default=0.2, gt=0, lt=1, description="Share of a large budget held out to choose on.")
     optimizer: Optimizer = "adam"
     learning_rate: PositiveFloat = 1e-3
     batch_size: PositiveInt = 128
     epochs: PositiveInt = Field(default=5, description="Passes over the budget's labels, unless min_steps is more.")
-    min_steps: PositiveInt = Field(default=500, description="Fewest optimizer steps of any cell.")
+    min_steps: PositiveInt = Field(default=250, description="Fewest optimizer steps of any cell.")
     alpha: float = Field(default=0.05, gt=0, lt=1, description="Significance level of the verdicts.")
     semi: SemiStudyConfig = Field(default=SemiStudyConfig(), description=(
         "The semi-supervised models' training (semi-pretrained, semi-scratch); the other models ignore it."))

@@ -40,9 +40,13 @@ def _dense(units: int, activation: str, init: str, name: str, seeds: random.Rand
     return layers.Dense(units, activation=activation, kernel_initializer=kernel, bias_initializer=bias, name=name)
 
 
-def _head() -> layers.Dense:
-    """The softmax layer, zero-initialised like the notebook's W_softmax and b_softmax."""
-    return layers.Dense(CLASSES, activation="softmax", kernel_initializer="zeros", bias_initializer="zeros",
+def _head(init: str = "zeros", seed: int = 0) -> layers.Dense:
+    """The softmax layer, zero-initialised like the notebook's W_softmax and b_softmax unless `init` says otherwise."""
+    if init == "zeros":
+        kernel: str | keras.initializers.Initializer = "zeros"
+    else:
+        kernel, _ = _initializers(init, random.Random(seed))
+    return layers.Dense(CLASSES, activation="softmax", kernel_initializer=kernel, bias_initializer="zeros",
                         name="head")
 
 
@@ -82,8 +86,8 @@ def extract_encoder(autoencoder: keras.Model) -> keras.Model:
     return keras.Model(inputs, x, name="encoder")
 
 
-def build_classifier(encoder: keras.Model, freeze: bool) -> keras.Model:
-    """The encoder topped by the zero-initialised softmax head; a frozen encoder runs in inference mode."""
+def build_classifier(encoder: keras.Model, freeze: bool, head: str = "zeros", seed: int = 0) -> keras.Model:
+    """The encoder topped by the softmax head (zero-initialised by default); a frozen encoder runs in inference mode."""
     inputs = keras.Input((PIXELS,), name="pixels")
     if freeze:
         # keras-io transfer-learning recipe: non-trainable, and called with training=False.
@@ -92,22 +96,22 @@ def build_classifier(encoder: keras.Model, freeze: bool) -> keras.Model:
     else:
         encoder.trainable = True
         features = encoder(inputs)
-    return keras.Model(inputs, _head()(features), name="classifier")
+    return keras.Model(inputs, _head(head, seed)(features), name="classifier")
 
 
-def build_softmax_regression() -> keras.Model:
-    """The notebook's baseline: softmax regression on the raw pixels, zero-initialised."""
+def build_softmax_regression(head: str = "zeros", seed: int = 0) -> keras.Model:
+    """The notebook's baseline: softmax regression on the raw pixels, zero-initialised by default."""
     inputs = keras.Input((PIXELS,), name="pixels")
-    return keras.Model(inputs, _head()(inputs), name="softmax")
+    return keras.Model(inputs, _head(head, seed)(inputs), name="softmax")
 
 
-def build_ann(hidden: tuple[int, ...], activation: str, init: str, seed: int = 0) -> keras.Model:
+def build_ann(hidden: tuple[int, ...], activation: str, init: str, seed: int = 0, head: str = "zeros") -> keras.Model:
     """The same classifier shape trained from a random initialisation, without pretraining."""
     inputs = keras.Input((PIXELS,), name="pixels")
     x = inputs
     seeds = random.Random(seed)
     for i, units in enumerate(hidden):
         x = _dense(units, activation, init, f"hidden_{i}", seeds)(x)
-    return keras.Model(inputs, _head()(x), name="ann")
+    return keras.Model(inputs, _head(head, seeds.randint(1, int(1e9)))(x), name="ann")
 
 

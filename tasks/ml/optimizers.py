@@ -45,9 +45,37 @@ class TF1RMSprop(keras.optimizers.Optimizer):
         return config
 
 
-def make_optimizer(name: str, learning_rate: float | keras.optimizers.schedules.LearningRateSchedule
-                   ) -> keras.optimizers.Optimizer:
-    """A fresh optimizer by its config name ("sgd" is plain gradient descent, as TF1's GradientDescentOptimizer)."""
+@keras.saving.register_keras_serializable(package="mnist_ae")
+class SlowEncoderAdam(keras.optimizers.Adam):
+    """Adam whose steps on the encoder's layers (named enc_*) are `encoder_rate` times its steps on the others.
+
+    Keras has no per-layer learning rate, and scaling the gradients would not do it: Adam's steps do not change
+    with the gradient's scale.
+    """
+
+    def __init__(self, encoder_rate: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.encoder_rate = encoder_rate
+
+    def update_step(self, gradient, variable, learning_rate):
+        if variable.name.startswith("enc_"):
+            learning_rate = ops.multiply(learning_rate, self.encoder_rate)
+        super().update_step(gradient, variable, learning_rate)
+
+    def get_config(self):
+        return {**super().get_config(), "encoder_rate": self.encoder_rate}
+
+
+def make_optimizer(name: str, learning_rate: float | keras.optimizers.schedules.LearningRateSchedule,
+                   encoder_rate: float = 1.0) -> keras.optimizers.Optimizer:
+    """A fresh optimizer by its config name ("sgd" is plain gradient descent, as TF1's GradientDescentOptimizer).
+
+    `encoder_rate` below 1 slows the steps on the encoder's layers (Adam only).
+    """
+    if encoder_rate != 1.0:
+        if name != "adam":
+            raise ValueError(f"a slower encoder rate needs the adam optimizer, not {name!r}")
+        return SlowEncoderAdam(encoder_rate=encoder_rate, learning_rate=learning_rate, name=name)
     factories: dict[str, Callable[..., keras.optimizers.Optimizer]] = {
         "rmsprop_tf1": TF1RMSprop, "rmsprop": keras.optimizers.RMSprop, "adam": keras.optimizers.Adam,
         "sgd": keras.optimizers.SGD,

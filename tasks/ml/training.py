@@ -72,7 +72,7 @@ class LastBatchLoss(keras.metrics.Metric):
         return {"loss": self.loss, "name": self.name, "dtype": self.dtype}
 
 
-def compile_model(model: keras.Model, cfg: TrainConfig, loss: str, steps: int = 1) -> None:
+def compile_model(model: keras.Model, cfg: TrainConfig, loss: str, steps: int = 1, encoder_rate: float = 1.0) -> None:
     """Compile with the configured optimizer and schedule, the last-batch loss metric and, for classifiers, accuracy.
 
     `steps` is the number of optimizer steps the training plans (`cfg.epochs` passes), which a schedule spans.
@@ -85,8 +85,8 @@ def compile_model(model: keras.Model, cfg: TrainConfig, loss: str, steps: int = 
         rate = keras.optimizers.schedules.CosineDecay(cfg.learning_rate, decay_steps=max(1, steps))
     # No XLA: its compilation per model costs more than a short training gains on a CPU (bench/speed.py), and
     # Keras turns it off under op determinism anyway.
-    model.compile(optimizer=make_optimizer(cfg.optimizer, rate), loss=loss, metrics=metrics, jit_compile=False,
-                  steps_per_execution=STEPS_PER_EXECUTION)
+    model.compile(optimizer=make_optimizer(cfg.optimizer, rate, encoder_rate), loss=loss, metrics=metrics,
+                  jit_compile=False, steps_per_execution=STEPS_PER_EXECUTION)
 
 
 def seed_everything(seed: int) -> None:
@@ -165,7 +165,8 @@ def _maybe_float(value: Any) -> float | None:
 
 def fit(model: keras.Model, x: np.ndarray, y: np.ndarray | None, validation: tuple[np.ndarray, np.ndarray] | None,
         cfg: TrainConfig, progress: Progress | None = None, *, seed: int = 0, tensorboard: Path | None = None,
-        name: str | None = None, part: tuple[int, int] = (0, 1), batches: tf.data.Dataset | None = None
+        name: str | None = None, part: tuple[int, int] = (0, 1), batches: tf.data.Dataset | None = None,
+        encoder_rate: float = 1.0,
         ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Compile and train a model; return its training log (per-epoch rows) and a summary of the run.
 
@@ -174,11 +175,13 @@ def fit(model: keras.Model, x: np.ndarray, y: np.ndarray | None, validation: tup
     log lines, progress and TensorBoard runs. With `tensorboard`, Keras writes the epoch scalars as TensorBoard
     event files into `<tensorboard>/<name>/`. `part` is (this model's index, models the stage trains), so progress
     reports the stage's share done. `batches` replaces the input pipeline's batches of (`x`, `y`), with as many
-    steps per epoch (`tasks.ml.semi_supervised` adds unlabeled images to them).
+    steps per epoch (`tasks.ml.semi_supervised` adds unlabeled images to them). `encoder_rate` scales the learning
+    rate of the encoder's layers.
     """
     name = name or model.name
     steps = steps_per_epoch(len(x), cfg.batch_size)
-    compile_model(model, cfg, RECONSTRUCTION_LOSS if y is None else CLASSIFICATION_LOSS, steps * cfg.epochs)
+    compile_model(model, cfg, RECONSTRUCTION_LOSS if y is None else CLASSIFICATION_LOSS, steps * cfg.epochs,
+                  encoder_rate)
     if batches is None:
         batches = training_batches(x, y, cfg.batch_size, seed, noise=getattr(cfg, "noise", 0.0), shift=cfg.shift)
     epoch_log = _EpochLog(cfg.epochs, progress, name, cfg, part)

@@ -45,9 +45,15 @@ def summary_section(config: PipelineConfig, store: Store, refs: dict[str, Artifa
     else:
         facts.append(f"No champion for {config.data.dataset} yet")
     facts.append(_decision_sentence(decision))
+    blocks: list[document.Block] = []
     if study := study_report.latest(store):
         facts.append(f"Latest label-efficiency study: {study.relative_to(store.root)} in this store")
-    return [document.Heading("Summary"), document.Bullets(tuple(facts))]
+        if verdicts := study_report.latest_verdicts(store):
+            # Beside this run's claim, which is made with all its training labels and reported as it came out.
+            blocks = [document.Paragraph("What the latest label-efficiency study in this store found, against "
+                                         "the best-tuned network from scratch with only a few labels:"),
+                      document.Bullets(tuple(verdicts))]
+    return [document.Heading("Summary"), document.Bullets(tuple(facts)), *blocks]
 
 
 def _decision_sentence(decision: Decision | None) -> str:

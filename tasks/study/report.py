@@ -1,4 +1,9 @@
-"""The label-efficiency study's report: accuracy against labels, a table, and a McNemar verdict per budget."""
+"""The label-efficiency study's report: accuracy against labels, the recipes chosen, and a verdict per budget.
+
+A budget's verdict compares the pretrained model (and any other model that is not a baseline, the better of
+them) with the best-tuned network from scratch (the ANN). It says "sure" only when both the test set's McNemar
+test (seeds pooled) and the 95 % interval of the paired per-seed differences exclude no difference.
+"""
 
 from __future__ import annotations
 
@@ -29,22 +34,29 @@ LABELS = {"pretrained": "pretrained encoder, fine-tuned", "ann": "same network f
           "semi-scratch": "same network from scratch, semi-supervised (VAT)"}
 COLORS = {"pretrained": "C0", "ann": "C1", "softmax": "C2", "semi-pretrained": "C3", "semi-scratch": "C4"}
 CONFIDENCE = 0.95
+REFERENCE = "ann"  # every verdict is against the best-tuned network from scratch
+BASELINES = (REFERENCE, "softmax")
+
+
+def label(model: str) -> str:
+    return LABELS.get(model, model)
 
 
 @dataclass(frozen=True)
 class CellResult:
-    """One trained cell as the report needs it: which cell, its test accuracy, its predictions' file."""
+    """One trained cell as the report needs it: which cell, its test accuracy, its predictions' file, its recipe."""
 
     model: str
     budget: int
     seed: int
     accuracy: float
     path: Path
+    recipe: str = ""
 
     @classmethod
     def of(cls, summary: dict[str, Any], path: str | Path) -> CellResult:
         return cls(summary["model"], int(summary["budget"]), int(summary["seed"]), float(summary["accuracy"]),
-                   Path(path))
+                   Path(path), summary.get("recipe_name", ""))
 
 
 def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float | None,
@@ -58,87 +70,118 @@ def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tu
 
 
 def summarize(cells: Sequence[CellResult]) -> list[dict[str, Any]]:
-    """One row per (budget, model): accuracy per seed, mean and 95 % interval over seeds."""
+    """One row per (budget, model): accuracy and recipe per seed, mean and 95 % interval over seeds."""
     rows = []
+    models = list(dict.fromkeys([*LABELS, *sorted({c.model for c in cells})]))
     for budget in sorted({c.budget for c in cells}):
-        for model in (m for m in LABELS if any(c.model == m and c.budget == budget for c in cells)):
+        for model in (m for m in models if any(c.model == m and c.budget == budget for c in cells)):
             found = sorted((c for c in cells if c.model == model and c.budget == budget), key=lambda c: c.seed)
             mean, low, high = mean_interval([c.accuracy for c in found])
             rows.append({"budget": budget, "model": model, "mean": mean, "low": low, "high": high,
-                         "seeds": {c.seed: c.accuracy for c in found}})
+                         "seeds": {c.seed: c.accuracy for c in found}, "recipes": {c.seed: c.recipe for c in found}})
     return rows
 
 
+def challengers(cells: Sequence[CellResult], budget: int) -> list[str]:
+    """The models a budget's verdicts judge: the pretrained one, and the best (by mean) of any other non-baseline."""
+    means = {m: float(np.mean([c.accuracy for c in cells if c.model == m and c.budget == budget]))
+             for m in sorted({c.model for c in cells if c.budget == budget})}
+    others = sorted((m for m in means if m not in (*BASELINES, "pretrained")), key=lambda m: -means[m])
+    return [m for m in ("pretrained", *others[:1]) if m in means]
+
+
 def compare(cells: Sequence[CellResult], y_true: np.ndarray, alpha: float) -> list[dict[str, Any]]:
-    """Per budget: McNemar's exact test of pretrained against ANN on the same test images, per seed and pooled."""
+    """Per budget and challenger: McNemar's exact test against the ANN on the same test images, per seed and
+    pooled, and the interval of the paired per-seed differences."""
     by = {(c.model, c.budget, c.seed): c for c in cells}
     verdicts = []
     for budget in sorted({c.budget for c in cells}):
-        seeds = sorted(s for (m, b, s) in by if m == "pretrained" and b == budget and ("ann", b, s) in by)
-        if not seeds:
-            continue
-        per_seed: list[dict[str, Any]] = []
-        for seed in seeds:
-            pre, ann = by["pretrained", budget, seed], by["ann", budget, seed]
-            right_pre = load_predictions(pre.path) == y_true
-            right_ann = load_predictions(ann.path) == y_true
-            b, c = int(np.sum(right_pre & ~right_ann)), int(np.sum(right_ann & ~right_pre))
-            per_seed.append({"seed": seed, "pretrained_only": b, "ann_only": c, "p_value": mcnemar_exact(b, c),
-                             "difference": pre.accuracy - ann.accuracy})
-        only_pre, only_ann = sum(s["pretrained_only"] for s in per_seed), sum(s["ann_only"] for s in per_seed)
-        row: dict[str, Any] = {"budget": budget, "seeds": per_seed, "pretrained_only": only_pre,
-                               "ann_only": only_ann, "p_value": mcnemar_exact(only_pre, only_ann), "alpha": alpha,
-               "pretrained": float(np.mean([by["pretrained", budget, s].accuracy for s in seeds])),
-               "ann": float(np.mean([by["ann", budget, s].accuracy for s in seeds]))}
-        row["difference"], row["low"], row["high"] = mean_interval([s["difference"] for s in per_seed])
-        row["sentence"] = verdict(row)
-        verdicts.append(row)
+        for model in challengers(cells, budget):
+            seeds = sorted(s for (m, b, s) in by if m == model and b == budget and (REFERENCE, b, s) in by)
+            if seeds:
+                verdicts.append(_compared(model, budget, [(by[model, budget, s], by[REFERENCE, budget, s])
+                                                          for s in seeds], y_true, alpha))
     return verdicts
 
 
+def _compared(model: str, budget: int, pairs: list[tuple[CellResult, CellResult]], y_true: np.ndarray,
+              alpha: float) -> dict[str, Any]:
+    per_seed: list[dict[str, Any]] = []
+    for mine, ann in pairs:
+        right_mine = load_predictions(mine.path) == y_true
+        right_ann = load_predictions(ann.path) == y_true
+        b, c = int(np.sum(right_mine & ~right_ann)), int(np.sum(right_ann & ~right_mine))
+        per_seed.append({"seed": mine.seed, "challenger_only": b, "ann_only": c, "p_value": mcnemar_exact(b, c),
+                         "difference": mine.accuracy - ann.accuracy})
+    only_mine, only_ann = sum(s["challenger_only"] for s in per_seed), sum(s["ann_only"] for s in per_seed)
+    row: dict[str, Any] = {"budget": budget, "model": model, "seeds": per_seed, "challenger_only": only_mine,
+                           "ann_only": only_ann, "p_value": mcnemar_exact(only_mine, only_ann), "alpha": alpha,
+                           "challenger": float(np.mean([m.accuracy for m, _ in pairs])),
+                           "ann": float(np.mean([a.accuracy for _, a in pairs]))}
+    row["difference"], row["low"], row["high"] = mean_interval([s["difference"] for s in per_seed])
+    row["sentence"] = verdict(row)
+    return row
+
+
 def verdict(row: dict[str, Any]) -> str:
-    """One plain sentence: did pretraining help at this budget, by how much, and how sure we are."""
-    seeds, alpha = row["seeds"], row["alpha"]
+    """One plain sentence: did the challenger do better than the best-tuned ANN at this budget, and how sure we are.
+
+    "Sure" needs both tests: the test set's McNemar test (seeds pooled) and the seeds' spread (the interval of the
+    paired differences excludes zero, on the same side).
+    """
+    seeds, alpha, model = row["seeds"], row["alpha"], row.get("model", "pretrained")
     k = len(seeds)
     points = 100 * row["difference"]
     interval = ("" if row["low"] is None
                 else f", 95 % interval {100 * row['low']:+.2f} to {100 * row['high']:+.2f}")
     ahead = sum(s["difference"] > 0 for s in seeds)
-    numbers = (f"{percent(row['pretrained'])} against {percent(row['ann'])} for the same network "
-               f"trained from scratch, "
-               f"{points:+.2f} points (mean of {k} seed{'s' if k > 1 else ''}{interval}; pretrained ahead in "
-               f"{ahead} of {k}; McNemar p = {row['p_value']:.2g} with the seeds pooled)")
-    if row["p_value"] >= alpha:
-        return (f"With {row['budget']:,} labels, pretraining made no measurable difference: {numbers}. "
+    numbers = (f"{percent(row['challenger'])} against {percent(row['ann'])} for the best-tuned "
+               f"network from scratch, {points:+.2f} points (mean of {k} seed{'s' if k > 1 else ''}{interval}; "
+               f"ahead in {ahead} of {k}; McNemar p = {row['p_value']:.2g} with the seeds pooled)")
+    subject = "pretraining" if model == "pretrained" else label(model)
+    significant = row["p_value"] < alpha
+    spread = row["low"] is not None and (row["low"] > 0 or row["high"] < 0)
+    if not significant and not spread:
+        return (f"With {row['budget']:,} labels, {subject} made no measurable difference: {numbers}. "
                 "The difference is within noise.")
-    helped = row["pretrained_only"] > row["ann_only"]
-    word = "helped" if helped else "hurt"
-    consistent = sum(s["p_value"] < alpha and (s["pretrained_only"] > s["ann_only"]) == helped for s in seeds)
-    if consistent == k:
-        sure = f"We are sure: the difference is significant (p < {alpha:g}) in every seed on its own."
+    helped = (row["challenger_only"] > row["ann_only"]) if significant else row["difference"] > 0
+    word = ("helped" if helped else "hurt") if model == "pretrained" else ("did better" if helped else "did worse")
+    if significant and spread:
+        sure = (f"We are sure: both the test set's McNemar test (p < {alpha:g}) and the spread over seeds exclude "
+                "no difference.")
+    elif significant:
+        sure = ("Not sure: the test set's McNemar test finds a difference, but over seeds the interval "
+                + ("needs more than one seed." if row["low"] is None else "includes no difference."))
     else:
-        sure = (f"Fairly sure: significant with the seeds pooled, but on its own in only {consistent} of {k} "
-                "seeds (pooling treats the seeds' runs as independent, which they are only in part).")
-    return f"With {row['budget']:,} labels, pretraining {word}: {numbers}. {sure}"
+        sure = (f"Not sure: the seeds agree, but the test set's McNemar test does not find the difference "
+                f"(p >= {alpha:g}).")
+    return f"With {row['budget']:,} labels, {subject} {word}: {numbers}. {sure}"
+
+
+def recipe_counts(recipes: dict[int, str]) -> str:
+    """How often each recipe won over the seeds: `head zeros (3 of 5), head glorot_uniform (2 of 5)`."""
+    names = [r or "the study's own settings" for r in recipes.values()]
+    return ", ".join(f"{name} ({names.count(name)} of {len(names)})" for name in dict.fromkeys(names))
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     """Test accuracy against labeled images on a log axis: one point per seed, the mean and its 95 % interval."""
     fig = Figure(figsize=(7, 4.2), layout="constrained")
     ax = fig.add_subplot()
-    models = [m for m in LABELS if any(r["model"] == m for r in rows)]
+    models = list(dict.fromkeys(r["model"] for r in rows))
     for i, model in enumerate(models):
         mine = [r for r in rows if r["model"] == model]
         shift = 1.0 + 0.04 * (i - (len(models) - 1) / 2)  # side by side at each budget, on the log axis
         budgets = [r["budget"] * shift for r in mine]
         for budget, r in zip(budgets, mine, strict=True):
             seeds = list(r["seeds"].values())
-            ax.plot([budget] * len(seeds), [100 * a for a in seeds], ".", color=COLORS[model], alpha=0.45)
+            ax.plot([budget] * len(seeds), [100 * a for a in seeds], ".", color=COLORS.get(model, f"C{i + 3}"),
+                    alpha=0.45)
         means = [100 * r["mean"] for r in mine]
         errors = np.array([[100 * (r["mean"] - r["low"]) if r["low"] is not None else 0.0 for r in mine],
                            [100 * (r["high"] - r["mean"]) if r["high"] is not None else 0.0 for r in mine]])
-        ax.errorbar(budgets, means, yerr=errors, fmt="-o", color=COLORS[model], capsize=3, markersize=4,
-                    label=f"{LABELS[model]} (mean, 95 % interval)")
+        ax.errorbar(budgets, means, yerr=errors, fmt="-o", color=COLORS.get(model, f"C{i + 3}"), capsize=3,
+                    markersize=4, label=f"{label(model)} (mean, 95 % interval)")
     budgets = sorted({r["budget"] for r in rows})
     ax.set_xscale("log")
     ax.set_xticks(budgets, [f"{b:,}" for b in budgets])
@@ -155,16 +198,18 @@ def blocks_of(rows: list[dict[str, Any]], verdicts: list[dict[str, Any]], protoc
               n_test: int) -> list[document.Block]:
     """The report as document blocks."""
     accuracy = document.Table(
-        ("labels", "model", "mean accuracy", "95 % interval", "per seed"),
-        tuple((f"{r['budget']:,}", LABELS[r["model"]], percent(r["mean"]),
+        ("labels", "model", "mean accuracy", "95 % interval", "per seed", "recipe chosen"),
+        tuple((f"{r['budget']:,}", label(r["model"]), percent(r["mean"]),
                "" if r["low"] is None else f"{percent(r['low'])} to {percent(r['high'])}",
-               ", ".join(percent(a) for a in r["seeds"].values())) for r in rows))
+               ", ".join(percent(a) for a in r["seeds"].values()), recipe_counts(r.get("recipes", {})))
+              for r in rows))
     tests = document.Table(
-        ("labels", "seed", "only pretrained right", "only ANN right", "McNemar exact p"),
+        ("labels", "model", "seed", "only it right", "only ANN right", "difference, points", "McNemar exact p"),
         tuple(row for v in verdicts for row in (
-            *((f"{v['budget']:,}", str(s["seed"]), str(s["pretrained_only"]), str(s["ann_only"]),
-               f"{s['p_value']:.2g}") for s in v["seeds"]),
-            (f"{v['budget']:,}", "pooled", str(v["pretrained_only"]), str(v["ann_only"]), f"{v['p_value']:.2g}"))))
+            *((f"{v['budget']:,}", v["model"], str(s["seed"]), str(s["challenger_only"]), str(s["ann_only"]),
+               f"{100 * s['difference']:+.2f}", f"{s['p_value']:.2g}") for s in v["seeds"]),
+            (f"{v['budget']:,}", v["model"], "pooled", str(v["challenger_only"]), str(v["ann_only"]),
+             f"{100 * v['difference']:+.2f}", f"{v['p_value']:.2g}"))))
     return [
         document.Heading(TITLE, 1),
         document.Heading("Verdicts"),
@@ -174,7 +219,7 @@ def blocks_of(rows: list[dict[str, Any]], verdicts: list[dict[str, Any]], protoc
                        f"Each dot is one seed; lines join the means over seeds, bars are 95 % intervals "
                        f"(Student t). Test set: {n_test:,} images."),
         accuracy,
-        document.Heading("Pretrained against the same network from scratch, on the same test images"),
+        document.Heading("Against the best-tuned network from scratch, on the same test images"),
         tests,
         document.Heading("Protocol"),
         document.Bullets(tuple(protocol)),
@@ -205,7 +250,7 @@ def write(cfg: StudyConfig, cells: Sequence[CellResult], y_true: np.ndarray, pro
 # The report is keyed by its cells (their keys, added by the caller), its own code and the significance level.
 CONTRACT = Contract(stage=STAGE, run=write, section="study", reads={}, keyed=("alpha",),
                     writes=(f"{REPORT_NAME}.md", f"{REPORT_NAME}.html", STUDY_FIGURE_FILE, STUDY_RESULTS_FILE),
-                    code=(__name__, "tasks.document", "tasks.study.cells"))
+                    code=(__name__, "tasks.document", "tasks.study.cells", "tasks.study.selection"))
 
 
 def key_inputs(cfg: StudyConfig, cell_keys: Sequence[str]) -> dict[str, Any]:
@@ -220,3 +265,12 @@ def latest(store: Store) -> Path | None:
         if page.is_file():
             return page
     return None
+
+
+def latest_verdicts(store: Store) -> list[str]:
+    """The verdict sentences of the study written last into the store; none without a study."""
+    page = latest(store)
+    results = page.parent / STUDY_RESULTS_FILE if page else None
+    if results is None or not results.is_file():
+        return []
+    return [v["sentence"] for v in json.loads(results.read_text()).get("verdicts", [])]
