@@ -52,7 +52,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 _STAGE_ERRORS = {"tasks.pipeline.graph": ("MissingUpstream",), "tasks.ml.saved": ("ModelError",),
                  "tasks.ml.training": ("TrainingDiverged",),
-                 "tasks.data.checks": ("ValidationFailed",)}
+                 "tasks.data.checks": ("ValidationFailed",), "flows.automations": ("AutomationsError",)}
 
 
 class _BriefUserErrors(logging.Formatter):
@@ -139,6 +139,11 @@ def _parser() -> argparse.ArgumentParser:
     _config_args(add)
     listed = data_sub.add_parser("list", help="every batch: accepted, pending or quarantined, with counts")
     _config_args(listed)
+    automations = sub.add_parser("automations", help="the project's Prefect automations (alerts) on a lasting server")
+    automations_sub = automations.add_subparsers(dest="automations_command", required=True)
+    apply = automations_sub.add_parser("apply", help="replace this project's automations on the server "
+                                                     "PREFECT_API_URL names with those of the file")
+    apply.add_argument("--file", type=Path, default=None, metavar="YAML", help="default: automations.yaml")
     predict = sub.add_parser("predict", help="classify digit images (PNG/JPEG) with the champion model")
     predict.add_argument("images", nargs="+", type=Path)
     predict.add_argument("--json", action="store_true", help="machine-readable output")
@@ -338,8 +343,19 @@ def _data_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _automations(args: argparse.Namespace) -> int:
+    from flows.automations import FILE, apply
+
+    url, created, removed = apply(args.file or FILE)
+    print(f"{len(created)} automation(s) applied to {url} ({removed} earlier cop{'y' if removed == 1 else 'ies'} "
+          "removed):")
+    for name, automation_id in created:
+        print(f"  {name}  {automation_id}")
+    return 0
+
+
 COMMANDS = {"run": _run, "study": _study, "status": _status, "data": _data, "promote": _promote, "rollback": _rollback,
-            "predict": _predict}
+            "predict": _predict, "automations": _automations}
 
 
 def main(argv: list[str] | None = None) -> int:

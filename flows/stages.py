@@ -9,6 +9,7 @@ from uuid import UUID
 
 from prefect import task
 from prefect.artifacts import (
+    create_link_artifact,
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
@@ -24,6 +25,7 @@ from prefect.states import Completed, State
 from prefect.tasks import Task, exponential_backoff
 from pydantic import BaseModel
 
+from flows import events
 from flows.artifacts import accuracy_table, prefect_markdown
 from tasks.config import PipelineConfig, Stage
 from tasks.data import intake
@@ -32,9 +34,11 @@ from tasks.data.sources import NetworkError
 from tasks.ml.progress import EpochEnd, Progress
 from tasks.pipeline import graph
 from tasks.runs import promotion, run_log, run_report
+from tasks.runs.registry import Registry
 from tasks.store.artifacts import ArtifactRef, Store
 
 REPORT_ARTIFACT = "mnist-ae-report"
+REPORT_LINK_ARTIFACT = "mnist-ae-report-link"
 ACCURACY_ARTIFACT = "mnist-ae-accuracy"
 
 
@@ -105,7 +109,11 @@ def take_in(config: PipelineConfig, validate_new: bool) -> Intake:
     `validate_new`, else only those accepted earlier (a run that takes the data artifact from the store)."""
     store = Store(config.store)
     store.check_writable()  # verdicts are stored; a bad store path fails here, named, before any work
-    return intake.admit(config, store) if validate_new else intake.look(config.data, store)
+    if not validate_new:
+        return intake.look(config.data, store)
+    admitted = intake.admit(config, store)
+    events.batches_judged(config.data.dataset, admitted.verdicts)
+    return admitted
 
 
 class PipelineRun:
@@ -160,7 +168,13 @@ def publish_run(config: PipelineConfig, refs: dict[str, ArtifactRef], validated:
     store = Store(config.store)
     run = run_report.RunInfo(id=flow_run.get_id(), name=flow_run.get_name(), at=datetime.now(UTC), wall_s=wall_s)
     # Each evaluation is judged once, cached or not (promotion.decide skips one already judged).
-    decision = promotion.decide(config, store, refs, run.id, validated) if "evaluate" in refs else None
+    decision = None
+    if "evaluate" in refs:
+        # The champion before the decision, for the event; the registry's own record of it is the exact one.
+        before = Registry(store.url, config.data.dataset).champion()
+        decision = promotion.decide(config, store, refs, run.id, validated)
+        if decision is not None:
+            events.model_judged(config.data.dataset, decision, promotion.candidate(config, refs), before)
     run_log.record(config, store, refs, decision, run.id, flow_run_name=run.name, wall_s=wall_s)
     if "report" not in refs:
         return {"decision": decision and decision.reason}
@@ -171,11 +185,16 @@ def publish_run(config: PipelineConfig, refs: dict[str, ArtifactRef], validated:
 
 
 def publish_artifacts(config: PipelineConfig, refs: dict[str, ArtifactRef], published: dict[str, Any]) -> None:
-    """The run's report and accuracy table as Prefect artifacts of the flow run itself (not of a task run)."""
+    """The run's report, a link to its full HTML file and the accuracy table as Prefect artifacts of the flow run
+    itself (not of a task run)."""
     if "blocks" not in published:
         return
+    description = f"{config.report.title}: profile {config.profile}, {config.data.dataset}"
     create_markdown_artifact(key=REPORT_ARTIFACT, markdown=prefect_markdown(Path(published["blocks"])),
-                             description=f"{config.report.title}: profile {config.profile}, {config.data.dataset}")
+                             description=description)
+    html = Path(published["report"])
+    create_link_artifact(key=REPORT_LINK_ARTIFACT, link=html.as_uri(), link_text=f"{html.parent.name}/{html.name}",
+                         description=f"{description}: the full report with figures, on the machine that ran the flow")
     reported = refs["report"].summary
     if rows := accuracy_table(reported):
         n = reported.get("n_test")

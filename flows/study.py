@@ -6,12 +6,13 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.states import Completed, State
 
+from flows import events
 from flows.runners import Runner, running_on, task_runner
 from flows.stages import PipelineRun, download, pretrain, validate
 from tasks.config import PipelineConfig, SplitSpec, Stage, StudyConfig, check_study, load_config
@@ -25,6 +26,7 @@ from tasks.study import selection
 
 STUDY_ARTIFACT = "mnist-ae-study"
 STUDY_TABLE_ARTIFACT = "mnist-ae-study-accuracy"
+STUDY_LINK_ARTIFACT = "mnist-ae-study-link"
 UPSTREAM: list[Stage] = ["download", "validate", "pretrain"]
 
 
@@ -56,6 +58,9 @@ def study_report_task(cfg: StudyConfig, cells: list[ArtifactRef], data: Artifact
     blocks = [b for b in load_blocks(Path(ref.path) / BLOCKS_FILE) if not isinstance(b, Image)]
     create_markdown_artifact(key=STUDY_ARTIFACT, markdown=to_markdown(blocks) + f"\n\nFull report: `{page}`\n",
                              description=study_report.TITLE)
+    create_link_artifact(key=STUDY_LINK_ARTIFACT, link=Path(page).as_uri(), link_text=Path(page).name,
+                         description=f"{study_report.TITLE}: the full report with figures, on the machine that ran "
+                                     "the flow")
     create_table_artifact(key=STUDY_TABLE_ARTIFACT, table=ref.summary["table"],
                           description="test accuracy per label budget and model, mean over seeds, 95% interval")
     return ref
@@ -127,6 +132,8 @@ def label_study(
         upstream = run.results()
     report = study_report_task(config.study, refs, upstream["download"], config.data.split(),
                                protocol(config, upstream["pretrain"]), run.store.url)
+    page = f"{report.path}/{study_report.REPORT_NAME}.html"
+    events.study_finished(config.data.dataset, config.profile, report.key, page, report.summary["verdicts"])
     logger = get_run_logger()
     for sentence in report.summary["verdicts"]:
         logger.info("%s", sentence)
@@ -134,6 +141,6 @@ def label_study(
     logger.info("%d cells: %d computed, %d from the store; report: %s", len(refs), computed, len(refs) - computed,
                 report.path)
     return {"flow_run_id": flow_run.get_id(), "store": run.store.url,
-            "report": f"{report.path}/{study_report.REPORT_NAME}.html", "verdicts": report.summary["verdicts"],
+            "report": page, "verdicts": report.summary["verdicts"],
             "upstream": {s: r.model_dump(mode="json") for s, r in upstream.items()},
             "cells": [r.model_dump(mode="json") for r in refs]}

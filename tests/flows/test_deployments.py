@@ -6,27 +6,22 @@ import asyncio
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
-import httpx
+import live_server
 import pytest
 import yaml
+from live_server import ROOT, api, deploy, prefect, server_env
 from prefect.cli.deploy._config import _load_deploy_configs_and_actions
 from prefect.cli.deploy._models import DeploymentConfig, PrefectYamlModel, RawScheduleConfig, WorkPoolConfig
 from prefect.cli.deploy._schedules import _schedule_config_to_deployment_schedule
-from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterKey,
@@ -37,20 +32,17 @@ from prefect.client.schemas.filters import (
     FlowRunFilterState,
     FlowRunFilterStateName,
 )
-from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy, FlowRun
 from prefect.exceptions import ParameterTypeError, SignatureMismatchError
 from prefect.flows import Flow, load_flow_from_entrypoint
 from prefect.server.schemas.schedules import CronSchedule
-from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.utilities.callables import parameter_schema
 from prefect.utilities.schema_tools import ValidationError, validate
 from rich.console import Console
 
 from tasks.config import check_study, load_config
 
-ROOT = Path(__file__).resolve().parents[2]
 PREFECT_YAML = ROOT / "prefect.yaml"
-PREFECT = Path(sys.executable).with_name("prefect")
 FLOW_NAME = "mnist-ae-pipeline"
 POOL = "mnist-ae"
 DEPLOYMENTS = ("train", "retrain-weekly")
@@ -60,7 +52,6 @@ WEEKLY_CRON = "0 3 * * 1"
 WEEKLY_TZ = "Europe/Berlin"
 BERLIN = ZoneInfo(WEEKLY_TZ)
 MONDAY = 0
-SERVER_START_S = 120
 RUN_S = 300
 
 
@@ -97,6 +88,21 @@ def test_prefect_yaml_uses_only_fields_prefect_reads():
         for schedule in dep.get("schedules") or []:
             RawScheduleConfig.model_validate(schedule)
     assert sorted(load_deployments()) == sorted((*DEPLOYMENTS, STUDY_DEPLOYMENT))
+
+
+JOB_ENV = {"MNIST_MIRROR", "MNIST_AE_STORE", "MNIST_AE_INCOMING", "MNIST_AE_DASK_ADDRESS"}
+
+
+def test_deployments_declare_their_environment_and_run_one_at_a_time():
+    strategies = {}
+    for name, deployment in load_deployments().items():
+        # Empty values: a run sees these unset, whatever the worker's shell holds.
+        assert deployment["work_pool"]["job_variables"]["env"] == dict.fromkeys(JOB_ENV, ""), name
+        limit = ConcurrencyLimitConfig.model_validate(deployment["concurrency_limit"])
+        assert limit.limit == 1, name
+        strategies[name] = limit.collision_strategy
+    assert strategies == {"train": ConcurrencyLimitStrategy.ENQUEUE, "label-study": ConcurrencyLimitStrategy.ENQUEUE,
+                          "retrain-weekly": ConcurrencyLimitStrategy.CANCEL_NEW}
 
 
 def test_weekly_schedule_fires_mondays_at_three_berlin_time():
@@ -166,95 +172,19 @@ def test_parameter_check_rejects_an_unknown_parameter():
 # --- end to end: prefect server, prefect deploy, a process worker, two runs of the train deployment ---
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
-
-
-def stop(proc: subprocess.Popen[Any]) -> None:
-    """End a process group started with start_new_session: SIGTERM, then SIGKILL whatever outlives a grace period."""
-    for sig, grace in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 5.0)):
-        deadline = time.monotonic() + grace
-        try:
-            os.killpg(proc.pid, sig)
-            while time.monotonic() < deadline:
-                proc.poll()  # reap the leader: as a zombie it would keep the group alive
-                os.killpg(proc.pid, 0)
-                time.sleep(0.2)
-        except ProcessLookupError:
-            return
-
-
 @pytest.fixture
-def prefect_env(tmp_path, mnist_mirror) -> dict[str, str]:
-    """Environment for every child process: a private Prefect home and server, the local MNIST mirror."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    port = free_port()
-    env.update(
-        PREFECT_HOME=str(tmp_path / "prefect-home"),
-        PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_SERVER_UI_ENABLED="false",
-        MNIST_MIRROR=str(mnist_mirror),
-        MNIST_AE_OFFLINE="1",
-    )
+def prefect_env(tmp_path) -> dict[str, str]:
+    """Environment for every child process: a private Prefect home and server, no MNIST mirror (see deploy)."""
+    env = server_env(tmp_path / "prefect-home", MNIST_AE_OFFLINE="1")
+    env.pop("MNIST_MIRROR", None)
     return env
 
 
 @pytest.fixture
 def prefect_server(prefect_env, tmp_path) -> Iterator[str]:
     """A `prefect server start` on SQLite in the private home; yields its API URL and always stops it."""
-    log = tmp_path / "server.log"
-    url = prefect_env["PREFECT_API_URL"]
-    port = str(urlsplit(url).port)
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [str(PREFECT), "server", "start", "--host", "127.0.0.1", "--port", port],
-            cwd=tmp_path, env=prefect_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + SERVER_START_S
-        while not healthy(url):
-            assert proc.poll() is None, f"prefect server exited with {proc.returncode}:\n{tail(log)}"
-            assert time.monotonic() < deadline, f"prefect server not healthy after {SERVER_START_S}s:\n{tail(log)}"
-            time.sleep(0.5)
+    with live_server.prefect_server(prefect_env, tmp_path) as url:
         yield url
-    finally:
-        stop(proc)
-
-
-def healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def prefect(env: dict[str, str], *args: str, cwd: Path = ROOT, timeout: float = 120) -> str:
-    """Run a `prefect` command to completion in its own process group and return its output; fail on error."""
-    proc = subprocess.Popen([str(PREFECT), *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        stop(proc)
-        output, _ = proc.communicate()
-        pytest.fail(f"prefect {' '.join(args)} did not finish in {timeout}s:\n{output[-4000:]}")
-    finally:
-        stop(proc)
-    assert proc.returncode == 0, f"prefect {' '.join(args)} exited with {proc.returncode}:\n{output[-4000:]}"
-    return output
-
-
-@contextmanager
-def api(url: str) -> Iterator[SyncPrefectClient]:
-    with temporary_settings(updates={PREFECT_API_URL: url}), get_client(sync_client=True) as client:
-        yield client
 
 
 def run_train(env: dict[str, str], store: Path, worker_dir: Path, runner: str) -> tuple[UUID, str]:
@@ -299,12 +229,13 @@ def read_run_log(store: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_train_deployment_runs_on_a_worker_and_reuses_the_store(prefect_server, prefect_env, tmp_path):
+def test_train_deployment_runs_on_a_worker_and_reuses_the_store(prefect_server, prefect_env, tmp_path, mnist_mirror):
     env, url, store = prefect_env, prefect_server, tmp_path / "store"
     worker_dir = tmp_path / "worker"
     worker_dir.mkdir()
     prefect(env, "work-pool", "create", POOL, "--type", "process")
-    prefect(env, "--no-prompt", "deploy", "--all")
+    # The mirror reaches the runs through prefect.yaml's job environment; the worker's has none.
+    deploy(env, tmp_path, MNIST_MIRROR=str(mnist_mirror))
 
     with api(url) as client:
         weekly = client.read_deployment_by_name(f"{FLOW_NAME}/retrain-weekly")
