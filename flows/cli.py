@@ -1,5 +1,5 @@
 """`mnist-ae`: run the pipeline or the label study, show what is cached, take in labeled batches, manage the
-champion, classify images."""
+champion, classify images, apply the project's automations to a Prefect server."""
 
 from __future__ import annotations
 

@@ -88,8 +88,9 @@ class TemporaryServer:
             [sys.executable, "-c", _SERVER, str(os.getpid()), "server", "start", "--host", "127.0.0.1",
              "--port", str(port), "--no-ui", "--no-services", "--log-level", "error"],
             stdin=subprocess.DEVNULL, stdout=self._output, stderr=subprocess.STDOUT, start_new_session=True)
-        logger.info("Starting temporary server on %s (it stops with this run; set PREFECT_API_URL to use a lasting "
-                    "server)", self.url.removesuffix("/api"))
+        # No services: events reach it but no automation acts on them, so the line names where alerts work.
+        logger.info("Starting temporary server on %s (it stops with this run and runs no automations; set "
+                    "PREFECT_API_URL to use a lasting server)", self.url.removesuffix("/api"))
         atexit.register(self.stop)  # registered before Prefect's log and event flushes, so it runs after them
         return self
 

@@ -28,7 +28,9 @@ from live_server import ROOT, api, deploy, process_worker, server_env
 from prefect.blocks.notifications import CustomWebhookNotificationBlock
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.objects import FlowRun, State
+from prefect.client.schemas.responses import SetStateStatus
 from prefect.events.schemas.automations import EventTrigger, Posture
+from prefect.states import Cancelled, Pending
 
 from flows.automations import FILE, TAG, AutomationsError, build, read
 from flows.cli import main as cli
@@ -270,3 +272,17 @@ def test_a_bad_automations_file_is_named(tmp_path):
                    "posture: Sideways}\n    actions: []\n")
     with pytest.raises(AutomationsError, match=rf"automations file {bad}, 'broken': trigger"):
         build(bad, read(bad)[1], uuid4())
+
+
+def test_a_weekly_run_due_while_one_runs_is_cancelled(site, runs):
+    # CANCEL_NEW, as the server decides it when a worker proposes to start a run (the worker has stopped).
+    with api(site.url) as client:
+        weekly = client.read_deployment_by_name(f"{FLOW}/retrain-weekly")
+        first, second = (client.create_flow_run_from_deployment(weekly.id, parameters={"profile": "quick"})
+                         for _ in range(2))
+        try:
+            assert client.set_flow_run_state(first.id, Pending()).status == SetStateStatus.ACCEPT
+            refused = client.set_flow_run_state(second.id, Pending())
+            assert (refused.status, refused.state.name) == (SetStateStatus.REJECT, "Cancelled"), refused
+        finally:
+            client.set_flow_run_state(first.id, Cancelled(), force=True)

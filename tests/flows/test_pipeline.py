@@ -26,7 +26,7 @@ from prefect.client.schemas.filters import (
 
 from flows.cli import main as cli
 from flows.pipeline import pipeline
-from flows.stages import ACCURACY_ARTIFACT, REPORT_ARTIFACT, StageContext
+from flows.stages import ACCURACY_ARTIFACT, REPORT_ARTIFACT, REPORT_LINK_ARTIFACT, StageContext
 from flows.stages import download as download_task
 from tasks.config import load_config
 from tasks.data import sources
@@ -104,9 +104,10 @@ def test_the_run_report_reads_from_the_summary_down(first):
 def test_prefect_artifacts_are_published(first):
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[REPORT_ARTIFACT, ACCURACY_ARTIFACT])))
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+                any_=[REPORT_ARTIFACT, REPORT_LINK_ARTIFACT, ACCURACY_ARTIFACT])))
     mine = {a.key: a for a in found if str(a.flow_run_id) == first["flow_run_id"]}
-    assert set(mine) == {REPORT_ARTIFACT, ACCURACY_ARTIFACT}
+    assert set(mine) == {REPORT_ARTIFACT, REPORT_LINK_ARTIFACT, ACCURACY_ARTIFACT}
     assert all(a.task_run_id is None for a in mine.values())  # the flow run's own, not the publish task's
 
     # The accuracy table is the report's claim table: percentages, the test-set size and the claim's verdict.
@@ -126,6 +127,10 @@ def test_prefect_artifacts_are_published(first):
     assert f"| pretrained | {pretrained['Description']} | {pretrained['Test accuracy']} | {pretrained['95 % CI']} |" \
         in markdown
     assert "2,000 test images" in mine[ACCURACY_ARTIFACT].description
+
+    # The link artifact leads to the full HTML report, the file the run wrote.
+    assert f"]({Path(first['report']).as_uri()})" in mine[REPORT_LINK_ARTIFACT].data
+    assert Path(first["report"]).name == "report.html" and Path(first["report"]).is_file()
 
     # The Markdown artifact links the full report first and marks each figure; no config dump.
     text = mine[REPORT_ARTIFACT].data
