@@ -52,13 +52,13 @@ def _encoder_weights(model: keras.Model) -> list[np.ndarray]:
     return [w for name in ("enc_0", "enc_1") for w in source.get_layer(name).get_weights()]
 
 
-def test_pretrain_writes_model_history_and_figure(pretrained, data_dir):
+def test_pretrain_writes_model_training_log_and_figure(pretrained, data_dir):
     out, summary, seen = pretrained
-    assert {p.name for p in out.iterdir()} - {"manifest.json"} == {"autoencoder.keras", "history.json",
+    assert {p.name for p in out.iterdir()} - {"manifest.json"} == {"autoencoder.keras", "training_log.json",
                                                                    "reconstruction.png", "tensorboard"}
-    history = json.loads((out / "history.json").read_text())
-    assert [row["epoch"] for row in history] == [1, 2]
-    assert history[1]["loss_last_batch"] < history[0]["loss_mean"]
+    training_log = json.loads((out / "training_log.json").read_text())
+    assert [row["epoch"] for row in training_log] == [1, 2]
+    assert training_log[1]["loss_last_batch"] < training_log[0]["loss_mean"]
     assert [(e, n) for e, n, _ in seen] == [(1, 2), (2, 2)] and seen[1][2]["loss_last_batch"] > 0
     assert summary["epochs_run"] == 2 and (summary["train_size"], summary["val_size"]) == (3000, 500)
 
@@ -91,13 +91,14 @@ def _finetune(data_dir: Path, pretrain_dir: Path, out: Path, **overrides) -> dic
 def test_finetune_trains_the_encoder_and_a_frozen_probe(pretrained, data_dir, tmp_path):
     summary = _finetune(data_dir, pretrained[0], tmp_path / "ft", linear_probe=True)
     files = {p.name for p in (tmp_path / "ft").iterdir()}
-    assert files == {"finetuned.keras", "history.json", "probe.keras", "probe_history.json", "tensorboard"}
+    assert files == {"pretrained.keras", "pretrained_training_log.json", "probe.keras", "probe_training_log.json",
+                     "tensorboard"}
     assert sorted(p.name for p in (tmp_path / "ft" / "tensorboard").iterdir()) == ["pretrained", "probe"]
     assert summary["epochs_run"] == 1 and summary["probe"]["epochs_run"] == 1
     assert summary["val_accuracy"] > 0.2  # a zero head alone predicts one class: about 0.1
 
     pretrained_weights = _encoder_weights(load_autoencoder(pretrained[0]))
-    tuned = keras.saving.load_model(tmp_path / "ft" / "finetuned.keras", safe_mode=True)
+    tuned = keras.saving.load_model(tmp_path / "ft" / "pretrained.keras", safe_mode=True)
     probe = keras.saving.load_model(tmp_path / "ft" / "probe.keras", safe_mode=True)
     assert any(not np.array_equal(a, b) for a, b in zip(_encoder_weights(tuned), pretrained_weights, strict=True))
     for got, want in zip(_encoder_weights(probe), pretrained_weights, strict=True):
@@ -108,7 +109,7 @@ def test_finetune_trains_the_encoder_and_a_frozen_probe(pretrained, data_dir, tm
 def test_frozen_finetuning_moves_only_the_head(pretrained, data_dir, tmp_path):
     summary = _finetune(data_dir, pretrained[0], tmp_path / "ft", freeze_encoder=True)
     assert summary["freeze_encoder"] and "probe" not in summary
-    tuned = keras.saving.load_model(tmp_path / "ft" / "finetuned.keras", safe_mode=True)
+    tuned = keras.saving.load_model(tmp_path / "ft" / "pretrained.keras", safe_mode=True)
     pretrained_weights = _encoder_weights(load_autoencoder(pretrained[0]))
     for got, want in zip(_encoder_weights(tuned), pretrained_weights, strict=True):
         np.testing.assert_array_equal(got, want)
@@ -126,15 +127,15 @@ def test_baselines_write_both_models(data_dir, tmp_path):
     cfg = _seed_cfg({"baselines.epochs": 1}).baselines
     summary = baselines.run(cfg, SPLIT, data_dir, tmp_path, lambda e: seen.append((e.model, e.epoch, e.epochs, e.done)),
                             hidden=(128, 64), activation="sigmoid")
-    assert {p.name for p in tmp_path.iterdir()} == {"softmax.keras", "ann.keras", "softmax_history.json",
-                                                   "ann_history.json", "tensorboard"}
+    assert {p.name for p in tmp_path.iterdir()} == {"softmax.keras", "ann.keras", "softmax_training_log.json",
+                                                   "ann_training_log.json", "tensorboard"}
     assert sorted(p.name for p in (tmp_path / "tensorboard").iterdir()) == ["ann", "softmax"]
     # Each model's epochs by name; the stage's share done runs over both.
     assert seen == [("softmax", 1, 1, 0.5), ("ann", 1, 1, 1.0)]
     ann = keras.saving.load_model(tmp_path / "ann.keras", safe_mode=True)
     assert [layer.units for layer in ann.layers[1:]] == [128, 64, 10]
     assert summary["softmax"]["val_accuracy"] > 0.7 and summary["ann"]["epochs_run"] == 1
-    assert len(json.loads((tmp_path / "softmax_history.json").read_text())) == 1
+    assert len(json.loads((tmp_path / "softmax_training_log.json").read_text())) == 1
 
 
 def test_early_stopping_restores_the_best_epoch(mnist_head, tmp_path):
@@ -177,6 +178,6 @@ def test_a_seeded_rerun_reproduces_the_stage_exactly(pretrained, data_dir, tmp_p
 
     tuned = [_finetune(data_dir, pretrained[0], tmp_path / name, shift=2, schedule="cosine") for name in ("fa", "fb")]
     assert tuned[0]["val_accuracy"] == tuned[1]["val_accuracy"] and tuned[0]["loss_mean"] == tuned[1]["loss_mean"]
-    fa, fb = (keras.saving.load_model(tmp_path / n / "finetuned.keras", safe_mode=True) for n in ("fa", "fb"))
+    fa, fb = (keras.saving.load_model(tmp_path / n / "pretrained.keras", safe_mode=True) for n in ("fa", "fb"))
     for wa, wb in zip(fa.get_weights(), fb.get_weights(), strict=True):
         np.testing.assert_array_equal(wa, wb)
