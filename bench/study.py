@@ -61,7 +61,10 @@ def timed_study(profile: str, runner: str, overrides: list[str]) -> dict:
 
 
 def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} (Python {platform.python_version()})"
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return (f"{platform.machine()} {vector}, {os.cpu_count()} cores, {platform.system()} "
+            f"(Python {platform.python_version()})")
 
 
 def to_markdown(profile: str, overrides: list[str], runs: list[dict]) -> str:
