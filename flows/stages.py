@@ -36,6 +36,7 @@ from tasks.pipeline import graph
 from tasks.runs import promotion, run_log, run_report
 from tasks.runs.registry import Registry
 from tasks.store.artifacts import ArtifactRef, Store
+from tasks.study import report as study_report
 
 REPORT_ARTIFACT = "mnist-ae-report"
 REPORT_LINK_ARTIFACT = "mnist-ae-report-link"
@@ -180,7 +181,8 @@ def publish_run(config: PipelineConfig, refs: dict[str, ArtifactRef], validated:
         return {"decision": decision and decision.reason}
     section = (intake.report_section(batches, refs["download"].summary, config.data.split())
                if batches is not None and "download" in refs else [])
-    paths = run_report.run_report(config, store, refs, decision, run, section)
+    study = (page, study_report.latest_verdicts(store)) if (page := study_report.latest(store)) else None
+    paths = run_report.run_report(config, store, refs, decision, run, section, study)
     return {"decision": decision and decision.reason, "report": str(paths["html"]), "blocks": str(paths["blocks"])}
 
 

@@ -91,7 +91,8 @@ def test_config_imports_nothing_of_the_project():
 
 # What each lower package may import besides itself, `tasks.config`, `tasks.document` and `tasks.stages.files`.
 BELOW = {"tasks.store": set(), "tasks.data": {"tasks.store"}, "tasks.ml": {"tasks.data", "tasks.store"},
-         "tasks.serve": {"tasks.data", "tasks.ml", "tasks.store"}}
+         "tasks.serve": {"tasks.data", "tasks.ml", "tasks.store"},
+         "tasks.runs": {"tasks.data", "tasks.ml", "tasks.store", "tasks.pipeline"}}
 SHARED = {"tasks", "tasks.config", "tasks.document", "tasks.stages.files"}
 
 

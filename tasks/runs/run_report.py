@@ -15,14 +15,16 @@ from tasks.runs import run_log
 from tasks.runs.registry import Decision, Registry
 from tasks.stages.files import CONFIG_HEADING, REPORT_NAME, STAGES_HEADING
 from tasks.store.artifacts import ArtifactRef, Store, read_manifest
-from tasks.study import report as study_report
 
 RUNS_DIR = "runs"
+# The latest label study's HTML page and its verdict sentences (found by the flow in tasks.study.report).
+LatestStudy = tuple[Path, list[str]]
 
 
 def summary_section(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef], decision: Decision | None,
-                    run: RunInfo) -> list[document.Block]:
-    """What a reader needs first: the run, the verdict, the best model, the champion and the decision."""
+                    run: RunInfo, study: LatestStudy | None = None) -> list[document.Block]:
+    """What a reader needs first: the run, the verdict, the best model, the champion, the decision, and what the
+    latest label study in the store found."""
     reported = refs["report"].summary if "report" in refs else {}
     computed = [s for s, r in refs.items() if not r.cached]
     facts = [f"Profile {config.profile}, dataset {config.data.dataset}"
@@ -46,9 +48,10 @@ def summary_section(config: PipelineConfig, store: Store, refs: dict[str, Artifa
         facts.append(f"No champion for {config.data.dataset} yet")
     facts.append(_decision_sentence(decision))
     blocks: list[document.Block] = []
-    if study := study_report.latest(store):
-        facts.append(f"Latest label-efficiency study: {study.relative_to(store.root)} in this store")
-        if verdicts := study_report.latest_verdicts(store):
+    if study:
+        page, verdicts = study
+        facts.append(f"Latest label-efficiency study: {page.relative_to(store.root)} in this store")
+        if verdicts:
             # Beside this run's claim, which is made with all its training labels and reported as it came out.
             blocks = [document.Paragraph("What the latest label-efficiency study in this store found, against "
                                          "the best-tuned network from scratch with only a few labels:"),
@@ -110,9 +113,11 @@ def run_section(store: Store, refs: dict[str, ArtifactRef], decision: Decision |
 
 
 def run_report(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef], decision: Decision | None,
-               run: RunInfo, extra: list[document.Block] | None = None) -> dict[str, Path]:
+               run: RunInfo, extra: list[document.Block] | None = None,
+               study: LatestStudy | None = None) -> dict[str, Path]:
     """Write this run's report under `<store>/runs/`, atomically: a summary first, the report stage's sections,
-    this run's section and `extra` blocks, and the configuration last."""
+    this run's section and `extra` blocks, and the configuration last. `study` is the latest label study's page
+    and verdict sentences, quoted in the summary."""
     report_dir = Path(refs["report"].path)
     name = f"{run.at:%Y%m%dT%H%M%SZ}-{(run.id or uuid.uuid4().hex)[:8]}"
     title, *parts = document.sections(document.load_blocks(report_dir / document.BLOCKS_FILE))
@@ -126,7 +131,7 @@ def run_report(config: PipelineConfig, store: Store, refs: dict[str, ArtifactRef
     comparable = [r for r in run_log.read(store.url)
                   if r.get("profile") == config.profile and r.get("dataset", "mnist") == config.data.dataset]
     with store.staged(f"{RUNS_DIR}/{name}") as staging:
-        blocks = [*title, *summary_section(config, store, refs, decision, run), *body,
+        blocks = [*title, *summary_section(config, store, refs, decision, run, study), *body,
                   *run_section(store, refs, decision, comparable, staging, run), *(extra or []),
                   *configuration]
         document.render(blocks, staging, REPORT_NAME, assets=report_dir)
