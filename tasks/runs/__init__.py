@@ -1,1 +1,1 @@
-"""Champion registry, run log, promotion and the run report; imports data, ml, store and the study's report."""
+"""Champion registry, run log, promotion and the run report; imports data, ml, store and the pipeline, never a study."""
