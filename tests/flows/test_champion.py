@@ -109,7 +109,7 @@ def test_rollback_without_a_champion_says_so(champion, capsys):
     Registry(champion["store"].url).promote(second.parent.name, candidate(second.parent.name, second), by="test",
                                             reason="second")
     state = json.loads(champion["registry"].read_text())
-    state["champion"] = None  # withdrawn by hand: two champions in the history, none now
+    state["champion"] = None  # withdrawn by hand: two champions in the events, none now
     champion["registry"].write_text(json.dumps(state))
     assert cli(["rollback", "--store", str(champion["store"].root)]) == 1
     (line,) = capsys.readouterr().err.splitlines()

@@ -26,7 +26,7 @@ def _on_small_disk(tmp_path: Path, size: str, case: str, env: dict[str, str] | N
         pytest.skip("no user namespaces here to mount a small file system")
     disk = tmp_path / "disk"
     disk.mkdir()
-    code = f"import sys; sys.path.insert(0, 'tests'); import test_full_disk; test_full_disk.{case}(sys.argv[1])"
+    code = f"import sys; sys.path.insert(0, 'tests/flows'); import test_full_disk; test_full_disk.{case}(sys.argv[1])"
     proc = subprocess.run(["unshare", "-rm", "sh", "-c", 'mount -t tmpfs -o size="$1" none "$0" && shift && exec "$@"',
                            str(disk), size, sys.executable, "-c", code, str(disk)],
                           cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600)

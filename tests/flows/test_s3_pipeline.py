@@ -33,7 +33,7 @@ DAMAGED = "report"  # the stage whose object is damaged before the second run (c
 # Files that record when or in which process they were made, so two identical runs differ there: Keras's
 # date_saved and object ids in .keras files, seconds per epoch in histories, Great Expectations' run times
 # (also in the names of its Data Docs pages), TensorBoard's event files (time, host and process in their names).
-CLOCKED = re.compile(r"\.keras$|history\.json$|^data_docs/|^validation\.json$|^tensorboard/")
+CLOCKED = re.compile(r"\.keras$|training_log\.json$|^data_docs/|^validation\.json$|^tensorboard/")
 
 
 def _start(store: str, cache: Path, mnist_mirror: Path, api: str) -> subprocess.Popen[str]:

@@ -175,7 +175,7 @@ def test_fit_records_last_batch_and_mean_losses():
 
 
 def test_tensorboard_files_leave_training_unchanged(tmp_path):
-    """The same seeded fit with and without the TensorBoard callback: equal weights and history, event files."""
+    """The same seeded fit with and without the TensorBoard callback: equal weights and training log, event files."""
     rng = np.random.default_rng(0)
     x, y = rng.random((96, 784), dtype=np.float32), rng.integers(0, 10, 96)
     cfg = TrainConfig(optimizer="adam", learning_rate=0.01, epochs=2, batch_size=32)
