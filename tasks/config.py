@@ -184,6 +184,9 @@ class SemiStudyConfig(_Section):
     learning_rate: PositiveFloat = 1e-2
     shift: NonNegativeInt = Field(default=2, le=4, description="Pixel shifts of labeled and unlabeled images.")
     min_steps: PositiveInt = Field(default=1000, description="Fewest optimizer steps of a semi-supervised cell.")
+    budgets: tuple[PositiveInt, ...] = Field(default=(100,), min_length=1, description=(
+        "The study's budgets at which these models train: where labels are scarcest, since a cell costs several "
+        "supervised ones."))
     vat: VatConfig = VatConfig()
 
 
@@ -225,7 +228,8 @@ class StudyConfig(_Section):
         "From this budget on, a recipe is chosen on a held-out share of the budget instead of k folds, and only "
         "large_seeds seeds are trained (each costs more there, and seeds vary less)."))
     large_seeds: PositiveInt = Field(default=3, description="Seeds at budgets from large_from on (at most seeds).")
-    models: tuple[StudyModel, ...] = Field(default=("pretrained", "ann", "softmax"), min_length=1)
+    models: tuple[StudyModel, ...] = Field(
+        default=("pretrained", "ann", "softmax", "semi-pretrained", "semi-scratch"), min_length=1)
     search: dict[StudyModel, RecipeGrid] = Field(default=_DEFAULT_SEARCH, description=(
         "Each model's recipe grid; a model without one trains with the study's own settings, unselected."))
     folds: int = Field(default=3, ge=2, description="Folds of the cross-validation below large_from.")

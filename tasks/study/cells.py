@@ -97,7 +97,7 @@ def seeds_of(cfg: StudyConfig, budget: int) -> int:
 
 
 def grid(cfg: StudyConfig, init: Init) -> list[Cell]:
-    """Every (budget, seed, model) cell of the study, budgets outermost."""
+    """Every (budget, seed, model) cell of the study, budgets outermost; the semi-supervised models only at theirs."""
     schedule = cfg.model_dump(include={"optimizer", "learning_rate", "batch_size", "epochs", "min_steps", "folds"})
     # A semi-supervised model starts from its own learning rate, which its recipes may override like any other.
     semi = {"semi": cfg.semi, "learning_rate": cfg.semi.learning_rate}
@@ -105,7 +105,8 @@ def grid(cfg: StudyConfig, init: Init) -> list[Cell]:
                  **{**schedule, **(semi if model in SEMI_MODELS else {})},
                  candidates=tuple(selection.recipes(cfg.search.get(model))),
                  holdout=cfg.holdout if budget >= cfg.large_from else None)
-            for budget in cfg.budgets for seed in range(seeds_of(cfg, budget)) for model in cfg.models]
+            for budget in cfg.budgets for seed in range(seeds_of(cfg, budget)) for model in cfg.models
+            if model not in SEMI_MODELS or budget in cfg.semi.budgets]
 
 
 # --- the labeled subset ---------------------------------------------------------------------------------------

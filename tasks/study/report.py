@@ -36,6 +36,9 @@ COLORS = {"pretrained": "C0", "ann": "C1", "softmax": "C2", "semi-pretrained": "
 CONFIDENCE = 0.95
 REFERENCE = "ann"  # every verdict is against the best-tuned network from scratch
 BASELINES = (REFERENCE, "softmax")
+# One more question where both are trained: does the pretrained start still help once fine-tuning uses the
+# unlabeled images? The semi-supervised model from the pretrained encoder against the same model from a random start.
+STARTS = ("semi-pretrained", "semi-scratch")
 
 
 def label(model: str) -> str:
@@ -92,39 +95,43 @@ def challengers(cells: Sequence[CellResult], budget: int) -> list[str]:
 
 def compare(cells: Sequence[CellResult], y_true: np.ndarray, alpha: float) -> list[dict[str, Any]]:
     """Per budget and challenger: McNemar's exact test against the ANN on the same test images, per seed and
-    pooled, and the interval of the paired per-seed differences."""
+    pooled, and the interval of the paired per-seed differences; where both semi-supervised models trained, the
+    same for the pretrained start against the random one."""
     by = {(c.model, c.budget, c.seed): c for c in cells}
     verdicts = []
     for budget in sorted({c.budget for c in cells}):
-        for model in challengers(cells, budget):
-            seeds = sorted(s for (m, b, s) in by if m == model and b == budget and (REFERENCE, b, s) in by)
+        questions = [(model, REFERENCE) for model in challengers(cells, budget)] + [STARTS]
+        for model, reference in questions:
+            seeds = sorted(s for (m, b, s) in by if m == model and b == budget and (reference, b, s) in by)
             if seeds:
-                verdicts.append(_compared(model, budget, [(by[model, budget, s], by[REFERENCE, budget, s])
-                                                          for s in seeds], y_true, alpha))
+                verdicts.append(_compared(model, budget, [(by[model, budget, s], by[reference, budget, s])
+                                                          for s in seeds], y_true, alpha, reference))
     return verdicts
 
 
 def _compared(model: str, budget: int, pairs: list[tuple[CellResult, CellResult]], y_true: np.ndarray,
-              alpha: float) -> dict[str, Any]:
+              alpha: float, reference: str = REFERENCE) -> dict[str, Any]:
     per_seed: list[dict[str, Any]] = []
-    for mine, ann in pairs:
+    for mine, theirs in pairs:
         right_mine = load_predictions(mine.path) == y_true
-        right_ann = load_predictions(ann.path) == y_true
-        b, c = int(np.sum(right_mine & ~right_ann)), int(np.sum(right_ann & ~right_mine))
-        per_seed.append({"seed": mine.seed, "challenger_only": b, "ann_only": c, "p_value": mcnemar_exact(b, c),
-                         "difference": mine.accuracy - ann.accuracy})
-    only_mine, only_ann = sum(s["challenger_only"] for s in per_seed), sum(s["ann_only"] for s in per_seed)
-    row: dict[str, Any] = {"budget": budget, "model": model, "seeds": per_seed, "challenger_only": only_mine,
-                           "ann_only": only_ann, "p_value": mcnemar_exact(only_mine, only_ann), "alpha": alpha,
+        right_theirs = load_predictions(theirs.path) == y_true
+        b, c = int(np.sum(right_mine & ~right_theirs)), int(np.sum(right_theirs & ~right_mine))
+        per_seed.append({"seed": mine.seed, "challenger_only": b, "reference_only": c, "p_value": mcnemar_exact(b, c),
+                         "difference": mine.accuracy - theirs.accuracy})
+    only_mine, only_theirs = sum(s["challenger_only"] for s in per_seed), sum(s["reference_only"] for s in per_seed)
+    row: dict[str, Any] = {"budget": budget, "model": model, "reference": reference, "seeds": per_seed,
+                           "challenger_only": only_mine, "reference_only": only_theirs,
+                           "p_value": mcnemar_exact(only_mine, only_theirs), "alpha": alpha,
                            "challenger": float(np.mean([m.accuracy for m, _ in pairs])),
-                           "ann": float(np.mean([a.accuracy for _, a in pairs]))}
+                           "reference_accuracy": float(np.mean([r.accuracy for _, r in pairs]))}
     row["difference"], row["low"], row["high"] = mean_interval([s["difference"] for s in per_seed])
     row["sentence"] = verdict(row)
     return row
 
 
 def verdict(row: dict[str, Any]) -> str:
-    """One plain sentence: did the challenger do better than the best-tuned ANN at this budget, and how sure we are.
+    """One plain sentence: did the challenger do better than its reference at this budget (the best-tuned ANN, or
+    for the pretrained semi-supervised model the same model from a random start), and how sure we are.
 
     "Sure" needs both tests: the test set's McNemar test (seeds pooled) and the seeds' spread (the interval of the
     paired differences excludes zero, on the same side).
@@ -135,17 +142,21 @@ def verdict(row: dict[str, Any]) -> str:
     interval = ("" if row["low"] is None
                 else f", 95 % interval {100 * row['low']:+.2f} to {100 * row['high']:+.2f}")
     ahead = sum(s["difference"] > 0 for s in seeds)
-    numbers = (f"{percent(row['challenger'])} against {percent(row['ann'])} for the best-tuned "
-               f"network from scratch, {points:+.2f} points (mean of {k} seed{'s' if k > 1 else ''}{interval}; "
+    starts = row.get("reference", REFERENCE) != REFERENCE
+    against = "the same model from a random start" if starts else "the best-tuned network from scratch"
+    numbers = (f"{percent(row['challenger'])} against {percent(row['reference_accuracy'])} for {against}, "
+               f"{points:+.2f} points (mean of {k} seed{'s' if k > 1 else ''}{interval}; "
                f"ahead in {ahead} of {k}; McNemar p = {row['p_value']:.2g} with the seeds pooled)")
-    subject = "pretraining" if model == "pretrained" else label(model)
+    subject = ("starting the semi-supervised model from the pretrained encoder" if starts
+               else "pretraining" if model == "pretrained" else label(model))
     significant = row["p_value"] < alpha
     spread = row["low"] is not None and (row["low"] > 0 or row["high"] < 0)
     if not significant and not spread:
         return (f"With {row['budget']:,} labels, {subject} made no measurable difference: {numbers}. "
                 "The difference is within noise.")
-    helped = (row["challenger_only"] > row["ann_only"]) if significant else row["difference"] > 0
-    word = ("helped" if helped else "hurt") if model == "pretrained" else ("did better" if helped else "did worse")
+    helped = (row["challenger_only"] > row["reference_only"]) if significant else row["difference"] > 0
+    word = (("helped" if helped else "hurt") if model == "pretrained" or starts
+            else ("did better" if helped else "did worse"))
     if significant and spread:
         sure = (f"We are sure: both the test set's McNemar test (p < {alpha:g}) and the spread over seeds exclude "
                 "no difference.")
@@ -204,12 +215,13 @@ def blocks_of(rows: list[dict[str, Any]], verdicts: list[dict[str, Any]], protoc
                ", ".join(percent(a) for a in r["seeds"].values()), recipe_counts(r.get("recipes", {})))
               for r in rows))
     tests = document.Table(
-        ("labels", "model", "seed", "only it right", "only ANN right", "difference, points", "McNemar exact p"),
+        ("labels", "model", "against", "seed", "only it right", "only the other right", "difference, points",
+         "McNemar exact p"),
         tuple(row for v in verdicts for row in (
-            *((f"{v['budget']:,}", v["model"], str(s["seed"]), str(s["challenger_only"]), str(s["ann_only"]),
-               f"{100 * s['difference']:+.2f}", f"{s['p_value']:.2g}") for s in v["seeds"]),
-            (f"{v['budget']:,}", v["model"], "pooled", str(v["challenger_only"]), str(v["ann_only"]),
-             f"{100 * v['difference']:+.2f}", f"{v['p_value']:.2g}"))))
+            *((f"{v['budget']:,}", v["model"], v["reference"], str(s["seed"]), str(s["challenger_only"]),
+               str(s["reference_only"]), f"{100 * s['difference']:+.2f}", f"{s['p_value']:.2g}") for s in v["seeds"]),
+            (f"{v['budget']:,}", v["model"], v["reference"], "pooled", str(v["challenger_only"]),
+             str(v["reference_only"]), f"{100 * v['difference']:+.2f}", f"{v['p_value']:.2g}"))))
     return [
         document.Heading(TITLE, 1),
         document.Heading("Verdicts"),
@@ -219,7 +231,7 @@ def blocks_of(rows: list[dict[str, Any]], verdicts: list[dict[str, Any]], protoc
                        f"Each dot is one seed; lines join the means over seeds, bars are 95 % intervals "
                        f"(Student t). Test set: {n_test:,} images."),
         accuracy,
-        document.Heading("Against the best-tuned network from scratch, on the same test images"),
+        document.Heading("Model against model, on the same test images"),
         tests,
         document.Heading("Protocol"),
         document.Bullets(tuple(protocol)),

@@ -47,10 +47,12 @@ def test_semi_supervised_cells_learn_from_training_images_only(clean, autoencode
     y_train = clean.y_train.copy()
     y_train[:300] = (y_train[:300] + 1) % 10
     corrupt = Dataset(x_train, y_train, 255 - clean.x_test, (clean.y_test + 1) % 10)
-    semi = load_config("quick").study.semi.model_copy(update={"min_steps": 30})
+    semi = load_config("quick").study.semi.model_copy(update={"min_steps": 30, "budgets": (30,)})
     quick = load_config("quick").study.model_copy(update={"budgets": (30,), "seeds": 1, "semi": semi,
                                                           "models": ("semi-pretrained", "semi-scratch")})
-    for cell in study.grid(quick, "glorot_uniform"):
+    cells = study.grid(quick, "glorot_uniform")
+    assert [c.model for c in cells] == ["semi-pretrained", "semi-scratch"]
+    for cell in cells:
         assert cell.semi is not None and study.schedule(cell).steps >= 30
         first, first_weights = _train(cell, clean, tmp_path / cell.name / "clean", autoencoder)
         again, again_weights = _train(cell, corrupt, tmp_path / cell.name / "corrupt", autoencoder)
