@@ -181,7 +181,7 @@ def publish_run(config: PipelineConfig, refs: dict[str, ArtifactRef], validated:
         return {"decision": decision and decision.reason}
     section = (intake.report_section(batches, refs["download"].summary, config.data.split())
                if batches is not None and "download" in refs else [])
-    study = (page, study_report.latest_verdicts(store)) if (page := study_report.latest(store)) else None
+    study = (page, study_report.verdicts_beside(page)) if (page := study_report.latest(store)) else None
     paths = run_report.run_report(config, store, refs, decision, run, section, study)
     return {"decision": decision and decision.reason, "report": str(paths["html"]), "blocks": str(paths["blocks"])}
 

@@ -279,10 +279,9 @@ def latest(store: Store) -> Path | None:
     return None
 
 
-def latest_verdicts(store: Store) -> list[str]:
-    """The verdict sentences of the study written last into the store; none without a study."""
-    page = latest(store)
-    results = page.parent / STUDY_RESULTS_FILE if page else None
-    if results is None or not results.is_file():
+def verdicts_beside(page: Path) -> list[str]:
+    """The verdict sentences of the study whose report `page` is (from `latest`); none without its results file."""
+    results = page.parent / STUDY_RESULTS_FILE
+    if not results.is_file():
         return []
     return [v["sentence"] for v in json.loads(results.read_text()).get("verdicts", [])]

@@ -318,7 +318,7 @@ def test_the_pipelines_run_report_names_the_latest_study(on_dask, tmp_path):
     page = study_report.latest(store)  # what the flow's publish step finds and hands to the run report
     assert page is not None
     paths = run_report.run_report(load_config("quick", GRID, str(store.root)), store, {"report": ref}, None, run,
-                                  study=(page, study_report.latest_verdicts(store)))
+                                  study=(page, study_report.verdicts_beside(page)))
     latest = Path(on_dask["report"]).relative_to(store.root)
     written = paths["markdown"].read_text()
     assert f"Latest label-efficiency study: {latest}" in written
